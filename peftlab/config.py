@@ -1,0 +1,295 @@
+"""Run configuration: nested typed dataclasses, loaded from YAML, strictly checked.
+
+Unknown keys fail with the closest valid key suggested; wrong types and
+impossible values fail in ``__post_init__`` with one clear line (UserError),
+before any model is loaded. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import UserError
+
+TASKS = ("instruction", "classification", "causal_lm")
+METHODS = ("lora", "adapter", "partial", "full")
+PLACEMENTS = ("all_linear", "attention_only", "mlp_only", "qv_only")
+SCHEDULES = ("uniform", "linear_decay", "attention_heavy", "empirical", "custom", "budget")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+@dataclass
+class DataConfig:
+    source: str = "chatterbot"  # alias (chatterbot | rotten_tomatoes | hamlet), local file, or hub id
+    split: str = "train"  # hub datasets: which split to read
+    subset: str | None = None  # hub datasets: configuration name
+    # Field mapping: instruction/input/output for instruction data, text/label for classification.
+    fields: dict[str, str] = field(default_factory=dict)
+    train_size: int | None = None  # cap on training examples (None = all that remain)
+    eval_size: float = 128  # an int count, or a fraction in (0, 1)
+    max_length: int = 256  # truncate longer examples (never pad up to it)
+    chunk_length: int = 128  # causal_lm: tokens per chunk
+    response_only: bool = True  # instruction: loss on response tokens only
+    labels: list[str] | None = None  # classification: label names in id order (default: sorted)
+    seed: int = 0  # train/eval split seed, kept apart from the training seed
+
+    def __post_init__(self) -> None:
+        _require(self.eval_size > 0, "data.eval_size must be > 0 (a count, or a fraction below 1)")
+        _require(self.eval_size < 1 or float(self.eval_size).is_integer(),
+                 f"data.eval_size={self.eval_size}: use a whole count or a fraction below 1")
+        _require(self.train_size is None or self.train_size > 0, "data.train_size must be > 0")
+        _require(self.max_length >= 8, "data.max_length must be at least 8")
+        _require(self.chunk_length >= 8, "data.chunk_length must be at least 8")
+
+
+@dataclass
+class RankConfig:
+    """Per-layer rank allocation; see peftlab.ranks for each schedule's definition."""
+
+    schedule: str = "uniform"
+    r: int = 8  # uniform rank; base rank for `empirical`
+    start: int = 16  # linear_decay: rank of layer 0
+    end: int = 4  # linear_decay: rank of the last layer
+    attention_r: int = 16  # attention_heavy
+    mlp_r: int = 8  # attention_heavy
+    multipliers: list[float] = field(default_factory=lambda: [0.6, 1.2, 1.0])  # empirical: early/middle/late
+    layer_ranks: list[int] | None = None  # custom: one rank per layer
+    file: str | None = None  # custom: JSON {"strategy_name": ..., "layer_ranks": [...]}
+    budget: int | None = None  # budget: target number of trainable parameters
+
+    def __post_init__(self) -> None:
+        _require(self.schedule in SCHEDULES, _choice_message("method.ranks.schedule", self.schedule, SCHEDULES))
+        for name in ("r", "start", "end", "attention_r", "mlp_r"):
+            _require(getattr(self, name) >= 1, f"method.ranks.{name} must be >= 1, got {getattr(self, name)}")
+        _require(len(self.multipliers) == 3 and all(m > 0 for m in self.multipliers),
+                 "method.ranks.multipliers must be three positive numbers (early, middle, late)")
+        if self.schedule == "custom":
+            _require((self.layer_ranks is None) != (self.file is None),
+                     "method.ranks: the custom schedule needs exactly one of layer_ranks or file")
+        if self.layer_ranks is not None:
+            _require(all(isinstance(r, int) and r >= 0 for r in self.layer_ranks),
+                     "method.ranks.layer_ranks must be whole numbers >= 0 (0 leaves a layer unadapted)")
+        if self.schedule == "budget":
+            _require(self.budget is not None and self.budget > 0,
+                     "method.ranks: the budget schedule needs budget: <number of trainable parameters>")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # lora | adapter | partial | full
+    # Where (lora, adapter): a named placement, a layer selection, or explicit targets.
+    placement: str = "all_linear"  # all_linear | attention_only | mlp_only | qv_only
+    layers: Any = "all"  # all | [0, 3] | "0-11" | first_half | last_half | every_other | last_N
+    targets: list[str] | None = None  # exact names, dotted suffixes, or "re:<regex>"; overrides placement
+    # LoRA (Hu et al. 2021, arXiv:2106.09685)
+    ranks: RankConfig = field(default_factory=RankConfig)
+    alpha: float = 16.0  # scaling = alpha / r
+    alpha_policy: str = "fixed"  # fixed (alpha as given) | two_r (alpha = 2 * r for each module)
+    rslora: bool = False  # scaling = alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)
+    dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353)
+    dropout: float = 0.0  # on the LoRA input only
+    # Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2020)
+    adapter_variant: str = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP only)
+    bottleneck: int = 64
+    activation: str = "gelu"  # gelu | relu | silu | tanh
+    # Partial fine-tuning (seed 001's "simple fine-tuning")
+    last_n: int = 0  # train the last N transformer blocks
+    bitfit: bool = False  # train biases only (Ben Zaken et al. 2021)
+    train_head: bool = True  # the task head of classification models is always trained
+
+    def __post_init__(self) -> None:
+        _require(self.name in METHODS, _choice_message("method.name", self.name, METHODS))
+        _require(self.placement in PLACEMENTS, _choice_message("method.placement", self.placement, PLACEMENTS))
+        _require(self.alpha > 0, f"method.alpha must be > 0, got {self.alpha}")
+        _require(self.alpha_policy in ("fixed", "two_r"),
+                 _choice_message("method.alpha_policy", self.alpha_policy, ("fixed", "two_r")))
+        _require(0 <= self.dropout < 1, f"method.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.adapter_variant in ("houlsby", "pfeiffer"),
+                 _choice_message("method.adapter_variant", self.adapter_variant, ("houlsby", "pfeiffer")))
+        _require(self.bottleneck >= 1, f"method.bottleneck must be >= 1, got {self.bottleneck}")
+        _require(self.activation in ("gelu", "relu", "silu", "tanh"),
+                 _choice_message("method.activation", self.activation, ("gelu", "relu", "silu", "tanh")))
+        _require(self.last_n >= 0, f"method.last_n must be >= 0, got {self.last_n}")
+        if self.name == "partial":
+            _require(self.last_n > 0 or self.bitfit or self.train_head,
+                     "method partial trains nothing: set last_n > 0, bitfit: true or train_head: true")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lora_plus_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): lr(B) = ratio * lr(A)
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0  # applied to parameters with dim >= 2 only
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    eval_every: int | None = None  # steps; evaluation always runs at the end
+    log_every: int = 1
+    save_every: int | None = None  # checkpoint every N steps (None: only at the end)
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    num_samples: int = 3  # instruction runs: generated samples to record
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
+        _require(self.epochs > 0, "train.epochs must be > 0")
+        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "train.lora_plus_ratio must be > 0")
+        _require(self.scheduler in SCHEDULERS, _choice_message("train.scheduler", self.scheduler, SCHEDULERS))
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be > 0")
+        _require(self.eval_every is None or self.eval_every >= 1, "train.eval_every must be >= 1")
+        _require(self.save_every is None or self.save_every >= 1, "train.save_every must be >= 1")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda", "mps"),
+                 _choice_message("train.device", self.device, ("auto", "cpu", "cuda", "mps")))
+        _require(self.precision in ("auto", "fp32", "bf16"),
+                 _choice_message("train.precision", self.precision, ("auto", "fp32", "bf16")))
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"  # embedded alias, hub id, or local dir
+    task: str = "instruction"  # instruction | classification | causal_lm
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None  # a label for reports; defaults to the output dir's name
+
+    def __post_init__(self) -> None:
+        _require(self.task in TASKS, _choice_message("task", self.task, TASKS))
+        _require(bool(self.model), "model must name an alias, a hub id or a local dir")
+
+
+def _choice_message(key: str, value: object, choices: tuple[str, ...]) -> str:
+    hint = difflib.get_close_matches(str(value), choices, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"{key}={value!r} is not one of {', '.join(choices)}{suggestion}"
+
+
+# --- building dataclasses from plain dicts, strictly -------------------------------------------
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise UserError."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``hint``; allow int -> float; recurse into dataclasses."""
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, path + ".")
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except UserError as error:
+                errors.append(str(error))
+        raise UserError(errors[0] if errors else f"{path} has the wrong type")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{path} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise UserError(f"{path} must be a mapping, got {value!r}")
+        return {str(k): _coerce(item, v, f"{path}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads "2e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{path} must be {hint.__name__}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value read as YAML, so 5, 2e-4, true, [1, 2] work)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. train.max_steps=5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``--set`` overrides to a raw config dict (validated later by from_dict)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(RunConfig, apply_overrides(data, list(overrides)))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
