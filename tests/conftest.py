@@ -1,0 +1,69 @@
+"""Tiny randomly initialised models shared by the unit tests (CPU, fixed seeds, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    model = build()
+    model.eval()
+    return model
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=100)
+    return _seeded(lambda: GPT2LMHeadModel(config))
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return _seeded(lambda: LlamaForCausalLM(config))
+
+
+def tiny_bert(num_labels: int = 2) -> BertForSequenceClassification:
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        vocab_size=100, max_position_embeddings=64, num_labels=num_labels)
+    return _seeded(lambda: BertForSequenceClassification(config))
+
+
+def tiny_neox() -> GPTNeoXForCausalLM:
+    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           vocab_size=100, max_position_embeddings=64)
+    return _seeded(lambda: GPTNeoXForCausalLM(config))
+
+
+def tiny_phi3() -> Phi3ForCausalLM:
+    config = Phi3Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: Phi3ForCausalLM(config))
+
+
+TINY_BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert, "neox": tiny_neox, "phi3": tiny_phi3}
+
+
+@pytest.fixture(params=sorted(TINY_BUILDERS))
+def any_tiny_model(request):
+    return TINY_BUILDERS[request.param]()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, 100, (2, 10), generator=generator)
