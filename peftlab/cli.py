@@ -1,0 +1,130 @@
+"""Command line: `peftlab run` and `peftlab inspect`. Subcommands map to plain functions.
+
+A user mistake (UserError) prints one line and exits 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import MethodConfig, RankConfig, load_config
+from .errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"peftlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one experiment from a YAML config")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key by dotted path, e.g. train.max_steps=5 (repeatable)")
+    run.add_argument("--out", help="output directory (default: runs/<config name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.set_defaults(handler=_run)
+
+    inspect = commands.add_parser("inspect", help="print the placement map of a method on a model")
+    inspect.add_argument("--model", required=True, help="embedded alias, hub id, or local dir (config.json is enough)")
+    inspect.add_argument("--task", default="instruction", choices=["instruction", "classification", "causal_lm"])
+    inspect.add_argument("--method", default="lora", choices=["lora", "adapter", "partial", "full"])
+    inspect.add_argument("--placement", default="all_linear")
+    inspect.add_argument("--layers", default="all", help="all | 0-11 | first_half | last_half | every_other | last_N")
+    inspect.add_argument("--targets", nargs="+", help="explicit module names, dotted suffixes or re:<regex>")
+    inspect.add_argument("--ranks", default="uniform:8",
+                         help="uniform:R | linear_decay:START:END | attention_heavy:ATTN:MLP | empirical:R[:E,M,L] "
+                              "| custom:R0,R1,... | custom:FILE.json | budget:PARAMS")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import run_experiment  # imported here so `peftlab --help` stays fast
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    summary = run_experiment(config, out, resume=args.resume)
+    print(format_summary_table(summary))
+    print(f"\nresults in {out}/ (summary.json, metrics.jsonl, train.log)")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def format_summary_table(summary: dict) -> str:
+    """A small results table for the terminal."""
+    metrics, params, resources = summary["metrics"], summary["params"], summary["resources"]
+    rows = [("status", summary["status"])]
+    if summary.get("divergence"):
+        d = summary["divergence"]
+        rows.append(("diverged", f"step {d['step']}: {d['reason']} ({', '.join(d['parameters'][:3]) or 'no parameter named'})"))
+    for key in ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_loss"):
+        if key in metrics:
+            rows.append((key, f"{metrics[key]:.4f}"))
+    rows += [
+        ("trainable params", f"{params['trainable']:,} of {params['total']:,} ({params['percent']:.3f}%)"),
+        ("train time", f"{resources['train_seconds']:.1f} s over {resources['steps']} steps"),
+        ("tokens/s", f"{resources['tokens_per_s']:.0f} (non-padding)"),
+        ("peak memory", f"{resources['peak_memory_mb']:.0f} MiB ({resources['memory_kind']})"),
+        ("saved", f"{resources['adapter_bytes'] / 2**20:.2f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for warning in summary.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def parse_rank_spec(text: str) -> RankConfig:
+    """Parse the --ranks shorthand into a RankConfig."""
+    name, _, rest = text.partition(":")
+    values = [v for v in rest.split(":") if v] if rest else []
+    try:
+        if name == "uniform":
+            return RankConfig(schedule="uniform", r=int(values[0]) if values else 8)
+        if name == "linear_decay":
+            return RankConfig(schedule="linear_decay", start=int(values[0]), end=int(values[1]))
+        if name == "attention_heavy":
+            return RankConfig(schedule="attention_heavy", attention_r=int(values[0]), mlp_r=int(values[1]))
+        if name == "empirical":
+            multipliers = [float(m) for m in values[1].split(",")] if len(values) > 1 else [0.6, 1.2, 1.0]
+            return RankConfig(schedule="empirical", r=int(values[0]), multipliers=multipliers)
+        if name == "custom":
+            if rest.endswith(".json"):
+                return RankConfig(schedule="custom", file=rest)
+            return RankConfig(schedule="custom", layer_ranks=[int(r) for r in rest.split(",")])
+        if name == "budget":
+            return RankConfig(schedule="budget", budget=int(float(values[0])))
+    except (IndexError, ValueError):
+        raise UserError(f"--ranks {text!r}: malformed; see peftlab inspect --help for the forms") from None
+    raise UserError(f"--ranks {text!r}: unknown schedule {name!r}; see peftlab inspect --help")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_placement
+
+    method = MethodConfig(name=args.method, placement=args.placement, layers=args.layers,
+                          targets=args.targets, ranks=parse_rank_spec(args.ranks))
+    report = inspect_placement(args.model, method, task=args.task)
+    print(json.dumps(report.as_json(), indent=2) if args.json else report.as_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

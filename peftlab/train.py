@@ -1,0 +1,219 @@
+"""The one training loop, for every method: methods differ only in their prepare step.
+
+AdamW over the parameters that require grad (weight decay on dim >= 2 only, as
+nanoGPT's configure_optimizers), optional LoRA+ learning rate for B, warmup then
+cosine / linear / constant, gradient accumulation with exact token weighting,
+clipping, checkpoints and exact resume, and divergence detection: a non-finite
+loss or gradient stops the run and names the step and the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import batches, num_batches
+from .evaluate import EvalResult, evaluate
+from .losses import loss_sum
+from .tracking import MetricsLog
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "completed" | "diverged"
+    state: TrainState
+    total_steps: int
+    final_eval: EvalResult | None = None
+    divergence: dict | None = None  # {"step", "reason", "parameters"}
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.state.train_tokens / self.state.train_seconds if self.state.train_seconds else 0.0
+
+
+class Diverged(Exception):
+    def __init__(self, reason: str, parameters: list[str]):
+        super().__init__(reason)
+        self.reason, self.parameters = reason, parameters
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The one trainable-parameter rule: requires_grad, as set by the method's prepare step."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; decay only matrices (dim >= 2); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) scales B's lr."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in trainable_named_parameters(model):
+        is_lora_b = cfg.lora_plus_ratio is not None and name.endswith("lora_B")
+        groups.setdefault((parameter.dim() >= 2, is_lora_b), []).append(parameter)
+    if not groups:
+        raise ValueError("the prepared model has no trainable parameters")
+    param_groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+         "lr": cfg.lr * (cfg.lora_plus_ratio if is_lora_b else 1.0)}
+        for (decay, is_lora_b), params in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ceil(warmup_ratio * total) steps, then cosine / linear decay to 0, or constant.
+
+    Same shape as transformers' get_cosine_schedule_with_warmup, so runs compare with HF Trainer's.
+    """
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps_for(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * num_batches(n_train, cfg.batch_size) / cfg.grad_accum))
+
+
+def micro_batches(examples: list[dict], cfg: TrainConfig, pad_id: int,
+                  state: TrainState) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """Endless (epoch, index-after, batch) stream starting at the state's data position.
+
+    Batch order is a pure function of (seed, epoch), so skipping the first
+    ``batch_in_epoch`` batches of the saved epoch reproduces an uninterrupted run.
+    """
+    epoch, skip = state.epoch, state.batch_in_epoch
+    while True:
+        for index, batch in enumerate(batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=epoch)):
+            if index >= skip:
+                yield epoch, index + 1, batch
+        epoch, skip = epoch + 1, 0
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default (adapter weights stay fp32); fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict], task: str,
+          cfg: TrainConfig, *, pad_id: int, device: torch.device, log: MetricsLog,
+          checkpoint_dir: Path | None = None, resume: bool = False,
+          on_step: Callable[[int], None] | None = None) -> TrainOutcome:
+    """Train ``model`` (already prepared and on ``device``) and evaluate it at the end."""
+    parameters = trainable_named_parameters(model)
+    optimizer = build_optimizer(model, cfg)
+    total_steps = total_steps_for(cfg, len(train_examples))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    state, history = TrainState(), []
+    if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+        state, history = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+        log.truncate_after(state.step)
+        log.message(f"resumed from step {state.step} of {total_steps}")
+    outcome = TrainOutcome("completed", state, total_steps, history=history)
+
+    def run_eval() -> EvalResult:
+        result = evaluate(model, _eval_batches(eval_examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
+        record = {"step": state.step, **result.as_metrics()}
+        history.append(record)
+        log.write(record)
+        return result
+
+    stream = micro_batches(train_examples, cfg, pad_id, state)
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    try:
+        while state.step < total_steps:
+            started = time.perf_counter()
+            loss, tokens = _optimizer_step(model, parameters, optimizer, stream, state, task, cfg, device)
+            scheduler.step()
+            state.step += 1
+            state.train_seconds += time.perf_counter() - started
+            state.train_tokens += tokens
+            record = {"step": state.step, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": state.train_tokens / state.train_seconds}
+            history.append(record)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                run_eval()
+            if checkpoint_dir is not None and cfg.save_every and state.step % cfg.save_every == 0:
+                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history)
+            if on_step is not None:
+                on_step(state.step)
+    except Diverged as error:
+        outcome.status = "diverged"
+        outcome.divergence = {"step": state.step + 1, "reason": error.reason, "parameters": error.parameters}
+        log.message(f"diverged at step {state.step + 1}: {error.reason}; parameters: {', '.join(error.parameters) or 'none'}")
+        return outcome
+    finally:
+        bar.close()
+    outcome.final_eval = run_eval()
+    return outcome
+
+
+def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                    stream: Iterator, state: TrainState, task: str, cfg: TrainConfig,
+                    device: torch.device) -> tuple[float, int]:
+    """One optimizer step over grad_accum micro-batches; returns (token-weighted loss, non-pad tokens)."""
+    micro = []
+    for _ in range(cfg.grad_accum):
+        state.epoch, state.batch_in_epoch, batch = next(stream)
+        micro.append({key: value.to(device, non_blocking=True) for key, value in batch.items()})
+    # Normalise by the label units of the whole step, so accumulation is exactly token-weighted.
+    units = sum(_label_units(batch, task) for batch in micro)
+    total_loss = 0.0
+    for batch in micro:
+        with autocast_for(device, cfg.precision):
+            batch_sum, _ = loss_sum(model, batch, task)
+        (batch_sum / units).backward()
+        total_loss += float(batch_sum.detach())
+    loss = total_loss / units
+    if not math.isfinite(loss):
+        raise Diverged(f"non-finite training loss ({loss})", _non_finite_grads(parameters))
+    norm = torch.nn.utils.clip_grad_norm_([p for _, p in parameters], cfg.max_grad_norm or float("inf"))
+    if not torch.isfinite(norm):
+        raise Diverged("non-finite gradient", _non_finite_grads(parameters))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = int(sum(int(batch["attention_mask"].sum()) for batch in micro))
+    return loss, tokens
+
+
+def _label_units(batch: dict[str, torch.Tensor], task: str) -> int:
+    if task == "classification":
+        return int(batch["label"].numel())
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
+    return [name for name, p in parameters if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def _eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: torch.device) -> Iterator[dict]:
+    for batch in batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=0, shuffle=False):
+        yield {key: value.to(device) for key, value in batch.items()}

@@ -1,0 +1,58 @@
+import pytest
+
+from peftlab.config import RunConfig, apply_overrides, from_dict, load_config
+from peftlab.errors import UserError
+
+
+def test_defaults_and_nested_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nmethod: {name: lora, ranks: {schedule: uniform, r: 4}}\ntrain: {lr: 2.0e-4, max_steps: 3}\n")
+    config = load_config(path)
+    assert config.model == "m"
+    assert config.method.ranks.r == 4
+    assert config.train.lr == pytest.approx(2e-4)
+    assert config.train.max_steps == 3
+    assert config.data.source == "chatterbot"
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(UserError, match=r"unknown config key train.max_step \(did you mean train.max_steps\?\)"):
+        from_dict(RunConfig, {"train": {"max_step": 5}})
+
+
+def test_wrong_type_is_reported_with_its_path():
+    with pytest.raises(UserError, match=r"train.batch_size must be int"):
+        from_dict(RunConfig, {"train": {"batch_size": "eight"}})
+
+
+def test_impossible_values_fail_before_anything_runs():
+    with pytest.raises(UserError, match=r"method.ranks.r must be >= 1"):
+        from_dict(RunConfig, {"method": {"ranks": {"r": 0}}})
+    with pytest.raises(UserError, match=r"did you mean 'attention_only'"):
+        from_dict(RunConfig, {"method": {"placement": "attention_olny"}})
+    with pytest.raises(UserError, match=r"custom schedule needs exactly one"):
+        from_dict(RunConfig, {"method": {"ranks": {"schedule": "custom"}}})
+
+
+def test_dotted_overrides_parse_yaml_values():
+    data = apply_overrides({"train": {"lr": 1.0}}, ["train.max_steps=5", "method.placement=attention_only",
+                                                     "train.lr=2e-4", "method.layers=[0, 1]"])
+    config = from_dict(RunConfig, data)
+    assert config.train.max_steps == 5
+    assert config.method.placement == "attention_only"
+    assert config.train.lr == pytest.approx(2e-4)
+    assert config.method.layers == [0, 1]
+
+
+def test_override_without_equals_is_a_user_error():
+    with pytest.raises(UserError, match="expected key=value"):
+        apply_overrides({}, ["train.max_steps"])
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
