@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from peftlab.config import MethodConfig, RankConfig, TrainConfig
+from peftlab.methods import prepare
+from peftlab.modelmap import build_model_map
+from peftlab.tracking import MetricsLog
+from peftlab.train import build_optimizer, build_scheduler, train
+
+from conftest import tiny_llama
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        length = 6 + (i * 7) % 11
+        ids = torch.randint(3, 100, (length,), generator=generator).tolist()
+        labels = [-100] * 3 + ids[3:]  # a 3-token prompt carries no loss
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def _lora_model(dropout: float = 0.1):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    method = MethodConfig(name="lora", ranks=RankConfig(r=4), alpha=8, dropout=dropout)
+    prepare(model, method, build_model_map(model), train_head=False)
+    return model
+
+
+def _train(model, cfg, tmp_path=None, resume=False, on_step=None):
+    return train(model, _examples(24), _examples(8, seed=1), "instruction", cfg, pad_id=0,
+                 device=torch.device("cpu"), log=MetricsLog(tmp_path, echo=False),
+                 checkpoint_dir=tmp_path, resume=resume, on_step=on_step)
+
+
+def _trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_config_twice_gives_identical_results():
+    cfg = TrainConfig(max_steps=5, batch_size=4, lr=1e-2, seed=3)
+    first, second = _lora_model(), _lora_model()
+    a, b = _train(first, cfg), _train(second, cfg)
+    assert a.status == b.status == "completed"
+    assert a.final_eval.loss == b.final_eval.loss
+    for name, value in _trainable_state(first).items():
+        assert torch.equal(value, _trainable_state(second)[name])
+
+
+def test_training_changes_only_trainable_parameters_and_lowers_loss():
+    model = _lora_model(dropout=0.0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    outcome = _train(model, TrainConfig(max_steps=15, batch_size=4, lr=2e-2, seed=0))
+    losses = [r["train_loss"] for r in outcome.history if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, seed=1, save_every=2, eval_every=3)
+    reference_model = _lora_model()
+    reference = _train(reference_model, cfg, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_five(step: int) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(_lora_model(), cfg, tmp_path / "killed", on_step=kill_at_five)
+    resumed_model = _lora_model()
+    resumed = _train(resumed_model, cfg, tmp_path / "killed", resume=True)
+    assert resumed.final_eval.loss == reference.final_eval.loss
+    for name, value in _trainable_state(reference_model).items():
+        assert torch.equal(value, _trainable_state(resumed_model)[name]), name
+    # metrics.jsonl holds each step once, as an uninterrupted run's does
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text()
+    killed = (tmp_path / "killed" / "metrics.jsonl").read_text()
+    assert [line.split('"lr"')[0] for line in straight.splitlines()] == [line.split('"lr"')[0] for line in killed.splitlines()]
+
+
+def test_non_finite_gradient_stops_the_run_and_names_the_parameter():
+    model = _lora_model(dropout=0.0)
+    poisoned = "model.layers.1.self_attn.v_proj.lora_A"
+    parameter = dict(model.named_parameters())[poisoned]
+    parameter.register_hook(lambda grad: grad * float("nan"))
+    outcome = _train(model, TrainConfig(max_steps=5, batch_size=4, seed=0))
+    assert outcome.status == "diverged"
+    assert outcome.divergence["step"] == 1
+    assert poisoned in outcome.divergence["parameters"]
+    assert outcome.final_eval is None  # no NaN is ever reported as a metric
+    assert all(math.isfinite(r["train_loss"]) for r in outcome.history if "train_loss" in r)
+
+
+def test_optimizer_decays_matrices_only_and_lora_plus_scales_b():
+    model = _lora_model()
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1, lora_plus_ratio=16))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            assert group["weight_decay"] == (0.1 if parameter.dim() >= 2 else 0.0)
+            expected_lr = 1e-3 * 16 if names[id(parameter)].endswith("lora_B") else 1e-3
+            assert group["lr"] == pytest.approx(expected_lr)
+    trainable = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert trainable == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_scheduler_warms_up_then_decays_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(warmup_ratio=0.1, scheduler="cosine"), total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
