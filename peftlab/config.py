@@ -108,7 +108,9 @@ class MethodConfig:
     # Partial fine-tuning (seed 001's "simple fine-tuning")
     last_n: int = 0  # train the last N transformer blocks
     bitfit: bool = False  # train biases only (Ben Zaken et al. 2021)
-    train_head: bool = True  # the task head of classification models is always trained
+    # The head: always trained for classification (it is new); None elsewhere means frozen, since a
+    # causal LM's head is usually tied to the token embeddings (True trains it, embeddings included).
+    train_head: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.name in METHODS, _choice_message("method.name", self.name, METHODS))
@@ -123,9 +125,6 @@ class MethodConfig:
         _require(self.activation in ("gelu", "relu", "silu", "tanh"),
                  _choice_message("method.activation", self.activation, ("gelu", "relu", "silu", "tanh")))
         _require(self.last_n >= 0, f"method.last_n must be >= 0, got {self.last_n}")
-        if self.name == "partial":
-            _require(self.last_n > 0 or self.bitfit or self.train_head,
-                     "method partial trains nothing: set last_n > 0, bitfit: true or train_head: true")
 
 
 @dataclass

@@ -45,7 +45,7 @@ class PlacementReport:
 
 def inspect_placement(model_name: str, method: MethodConfig, *, task: str = "instruction") -> PlacementReport:
     model, _ = load_model_skeleton(model_name, task=task)
-    model_map = build_model_map(model)
+    model_map = build_model_map(model, strict=method.targets is None)
     prepared = prepare(model, method, model_map, train_head=task == "classification")
     return PlacementReport(model_map, prepared, _params_per_target(model, prepared))
 

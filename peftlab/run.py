@@ -57,7 +57,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     seed_everything(config.train.seed)  # head init and adapter init depend on it
     loaded = load_model(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
     model = loaded.model
-    model_map = build_model_map(model)
+    model_map = build_model_map(model, strict=config.method.targets is None)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
                 f"{prepared.total_params:,} parameters ({prepared.percent_trainable:.3f}%)")

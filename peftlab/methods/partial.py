@@ -1,0 +1,42 @@
+"""Partial fine-tuning: the last N transformer blocks, the task head, BitFit; and full fine-tuning.
+
+These only switch ``requires_grad`` on; ``methods.prepare`` has frozen every parameter first.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UserError
+from ..modelmap import ModelMap
+
+
+def apply_partial(model: nn.Module, model_map: ModelMap, *, last_n: int, bitfit: bool, train_head: bool) -> None:
+    """Make trainable: every parameter of the last ``last_n`` blocks; every bias when ``bitfit``
+    (BitFit, Ben Zaken et al. 2021, arXiv:2106.10199: all bias terms, layer-norm biases included);
+    the head modules in ``model_map.head_names`` when ``train_head``.
+    """
+    n_layers = model_map.n_layers
+    if not 0 <= last_n <= n_layers:
+        raise UserError(f"method.last_n={last_n}, but this model has {n_layers} blocks")
+    for layer in range(n_layers - last_n, n_layers):
+        model.get_submodule(f"{model_map.block_prefix}.{layer}").requires_grad_(True)
+    if bitfit:
+        biases = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+        if not biases:
+            raise UserError(f"method.bitfit: this {model_map.family} model has no bias parameters to train")
+        for parameter in biases:
+            parameter.requires_grad_(True)
+    if train_head:
+        set_head_trainable(model, model_map)
+
+
+def set_head_trainable(model: nn.Module, model_map: ModelMap) -> None:
+    """The task head modules (classifier / score / lm_head) train, like peft's modules_to_save."""
+    for name in model_map.head_names:
+        model.get_submodule(name).requires_grad_(True)
+
+
+def apply_full(model: nn.Module) -> None:
+    """Full fine-tuning: every parameter trainable."""
+    model.requires_grad_(True)
