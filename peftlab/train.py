@@ -128,6 +128,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     total_steps = total_steps_for(cfg, len(train_examples))
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     state, history = TrainState(), []
+    torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the saved RNG state instead
     if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         state, history = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
         log.truncate_after(state.step)
