@@ -30,6 +30,7 @@ from .evaluate import generate_samples
 from .export import export_peft_adapter
 from .methods import Prepared, prepare
 from .modelmap import build_model_map
+from .model_cache import BaseModelCache
 from .models import load_model, load_tokenizer
 from .placement import format_placement_map
 from .resources import environment, peak_memory, reset_peak_memory, resolve_device, seed_everything
@@ -40,8 +41,12 @@ SMALL_EVAL_WARNING = 100  # fewer eval examples than this cannot separate close 
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, echo: bool = True,
-                   on_step: Any = None) -> dict[str, Any]:
-    """Run one experiment into ``out_dir`` and return its summary (also written to summary.json)."""
+                   on_step: Any = None, model_cache: BaseModelCache | None = None) -> dict[str, Any]:
+    """Run one experiment into ``out_dir`` and return its summary (also written to summary.json).
+
+    ``model_cache`` (sweeps) hands out copies of a base model loaded once; results are the same
+    as loading from disk, because everything random after loading is seeded here.
+    """
     out_dir = Path(out_dir)
     previous = _check_out_dir(config, out_dir, resume)
     if previous is not None:
@@ -54,9 +59,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
 
     tokenizer = load_tokenizer(config.model)
     data = load_task_data(config.data, config.task, tokenizer)
-    seed_everything(config.train.seed)  # head init and adapter init depend on it
-    loaded = load_model(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
+    load = model_cache.get if model_cache is not None else load_model
+    loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
     model = loaded.model
+    seed_everything(config.train.seed)  # the new head's and the adapters' initial weights
+    reinitialize(model, loaded.new_weights)
     model_map = build_model_map(model, strict=config.method.targets is None)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
@@ -80,6 +87,25 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary['status']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["metrics"].items()))
     return summary
+
+
+def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Draw freshly initialised weights (a new classification head) from the run's seed.
+
+    The loader's own initialisation depends on how the model was loaded (from disk, or copied
+    from a cache); drawing them again here makes the run's result independent of that.
+    Matrices ~ N(0, initializer_range) as BERT/Llama heads are initialised; biases zero.
+    """
+    std = getattr(model.config, "initializer_range", 0.02)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if name not in parameters:
+                continue
+            if parameters[name].dim() >= 2:
+                parameters[name].normal_(0.0, std)
+            else:
+                parameters[name].zero_()
 
 
 def _check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:

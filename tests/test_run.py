@@ -147,3 +147,16 @@ def test_existing_run_is_not_overwritten_and_resume_returns_it(tmp_path, tiny_ll
     code, _, err = _run(["run", str(config), "--out", str(out), "--resume", "--set", "train.lr=0.5",
                          "--set", "train.num_samples=0"], capsys)
     assert code == 2 and "train.lr" in err
+
+
+def test_cached_base_model_gives_the_same_result_as_loading_from_disk(tmp_path, tiny_bert_dir):
+    from peftlab.config import load_config
+    from peftlab.model_cache import BaseModelCache
+    from peftlab.run import run_experiment
+
+    config = load_config(_config(tmp_path, tiny_bert_dir, _reviews(tmp_path / "reviews.csv"), task="classification"))
+    direct = run_experiment(config, tmp_path / "direct", echo=False)
+    cache = BaseModelCache()
+    first = run_experiment(config, tmp_path / "cached1", echo=False, model_cache=cache)
+    second = run_experiment(config, tmp_path / "cached2", echo=False, model_cache=cache)
+    assert direct["metrics"]["eval_loss"] == first["metrics"]["eval_loss"] == second["metrics"]["eval_loss"]

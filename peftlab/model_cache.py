@@ -1,0 +1,30 @@
+"""Load each base model once per process and hand out fresh copies (for sweeps).
+
+A sweep of many runs on one base model would otherwise re-read (or, for the
+embedded GGUF, re-convert) the weights for every run. Each ``get`` returns a deep
+copy of the pristine model, so a run's LoRA wrappers or updated weights never
+leak into the next run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from .models import LoadedModel, load_model
+
+
+class BaseModelCache:
+    def __init__(self) -> None:
+        self._pristine: dict[tuple, LoadedModel] = {}
+
+    def get(self, name: str, task: str, *, num_labels: int | None = None,
+            label_names: list[str] | None = None) -> LoadedModel:
+        key = (name, task, num_labels, tuple(label_names or ()))
+        if key not in self._pristine:
+            self._pristine[key] = load_model(name, task, num_labels=num_labels, label_names=label_names)
+        pristine = self._pristine[key]
+        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
+
+    def clear(self) -> None:
+        self._pristine.clear()
