@@ -1,0 +1,233 @@
+"""Model + tokenizer from an embedded alias, a local folder or a Hugging Face hub id.
+
+``load_model`` loads weights for training; ``load_model_skeleton`` builds the same architecture
+on the meta device from the config alone, so ``peftlab inspect`` can map a 70B model without
+downloading (or having) its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import assets
+from .errors import UserError
+
+CAUSAL_TASKS = ("instruction", "causal_lm")
+TASKS = (*CAUSAL_TASKS, "classification")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer, with a pad token and right padding
+    # What from_pretrained loaded: a local folder (an embedded alias's folder too) or a hub id, so it
+    # can be written as an adapter's base_model_name_or_path.
+    source: str
+    new_weights: tuple[str, ...] = ()  # parameters initialised fresh, e.g. a classification head
+
+
+def load_model(name: str, task: str, *, num_labels: int | None = None, label_names: list[str] | None = None,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load model + tokenizer for ``task`` (instruction | causal_lm | classification).
+
+    Classification needs ``num_labels`` or ``label_names`` (names fix id2label/label2id).
+    """
+    auto = _auto_class(task)
+    location, kind = _resolve(name)
+    tokenizer = _load_tokenizer(name, location, kind)
+    if task in CAUSAL_TASKS:
+        with _user_errors(name, kind):
+            model = auto.from_pretrained(location, dtype=dtype)
+        return LoadedModel(model, tokenizer, location)
+    model, new = _load_classifier(name, location, kind, _label_kwargs(num_labels, label_names), dtype)
+    # Decoder classifiers pool the last token that is not config.pad_token_id; batches are padded
+    # with the tokenizer's pad id, so the two must agree (a config may carry another or none).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, location, new)
+
+
+def load_tokenizer(name: str) -> Any:
+    """Just the tokenizer of a model (alias, local dir or hub id), ready for padding."""
+    location, kind = _resolve(name)
+    return _load_tokenizer(name, location, kind)
+
+
+def load_model_skeleton(name: str, task: str = "instruction") -> tuple[Any, Any | None]:
+    """(model on the meta device built from the config alone, tokenizer or None)."""
+    config, tokenizer = _skeleton_config(name)
+    with torch.device("meta"):
+        model = _auto_class(task).from_config(config)
+    return model, tokenizer
+
+
+# --- where a name points ------------------------------------------------------------------------
+
+
+def _resolve(name: str) -> tuple[str, str]:
+    """(what to pass to from_pretrained, its kind: "embedded <alias>", "local" or "hub")."""
+    if name in assets.MODEL_ALIASES:
+        folder = assets.embedded_model_dir(name)
+        return str(folder), f"embedded {name}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return str(path), "local"
+    if path.exists():
+        raise UserError(f"model {name!r} is a file; give the folder that holds config.json and the weights")
+    if name.startswith(("/", "./", "../", "~")):  # clearly meant as a path, and hub ids never look so
+        raise UserError(f"model folder {name} does not exist")
+    return name, "hub"
+
+
+def _not_found(name: str) -> str:
+    return (f"could not load model {name!r}: not an embedded alias ({', '.join(assets.MODEL_ALIASES)}), "
+            "not a local directory, and the hub is unreachable or has no such model")
+
+
+@contextmanager
+def _user_errors(name: str, kind: str) -> Iterator[None]:
+    """Turn transformers' loading failures into one-line UserErrors."""
+    try:
+        yield
+    except OSError as error:  # transformers' "not found / cannot connect" errors are OSErrors
+        if kind == "hub":
+            raise UserError(_not_found(name)) from error
+        raise UserError(f"could not load model {name!r}: {_first_line(error)}") from error
+    except ValueError as error:  # unknown model_type, custom code required, bad config
+        raise UserError(f"could not load model {name!r}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _auto_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task in CAUSAL_TASKS:
+        return AutoModelForCausalLM
+    if task == "classification":
+        return AutoModelForSequenceClassification
+    raise UserError(f"task={task!r} is not one of {', '.join(TASKS)}")
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def _load_tokenizer(name: str, location: str, kind: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = Path(location)
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in _TOKENIZER_FILES):
+        raise UserError(f"model folder {folder} has no tokenizer files (tokenizer.json, vocab.*, ...)")
+    with _user_errors(name, kind):
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    return prepare_tokenizer(tokenizer)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt")
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token (its eos, else sep) and right padding.
+
+    No new token is added: that would change the vocabulary and need resized embeddings. Padded
+    positions are masked out of attention and loss, so reusing eos as pad is harmless.
+    """
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or getattr(tokenizer, "sep_token", None)
+        if fallback is None:
+            raise UserError("the tokenizer has no pad, eos or sep token to pad batches with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# --- classification heads -----------------------------------------------------------------------
+
+
+def _label_kwargs(num_labels: int | None, label_names: list[str] | None) -> dict[str, Any]:
+    if label_names is not None:
+        num_labels = len(label_names)
+    if num_labels is None or num_labels < 1:
+        raise ValueError("classification needs num_labels or label_names")
+    names = list(label_names) if label_names is not None else [f"LABEL_{i}" for i in range(num_labels)]
+    return {"num_labels": num_labels, "id2label": dict(enumerate(names)),
+            "label2id": {label: i for i, label in enumerate(names)}}
+
+
+def _load_classifier(name: str, location: str, kind: str, labels: dict[str, Any],
+                     dtype: torch.dtype) -> tuple[Any, tuple[str, ...]]:
+    """Load with transformers' multi-line load report silenced; report the new head in one line."""
+    auto = _auto_class("classification")
+    with _user_errors(name, kind), _quiet_load_report():
+        # ignore_mismatched_sizes: a checkpoint's own head with another label count is re-initialised.
+        model, info = auto.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                           ignore_mismatched_sizes=True, **labels)
+    fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    head = tuple(sorted(key for key in fresh if not key.startswith(prefix)))
+    body = sorted(key for key in fresh if key.startswith(prefix))
+    if head:
+        print(f"peftlab: new classification head ({', '.join(head)}) starts from random weights "
+              f"and is trained", file=sys.stderr)
+    if body:  # not a head: weights the checkpoint should have had
+        shown = ", ".join(body[:5]) + (", ..." if len(body) > 5 else "")
+        print(f"peftlab: warning: {len(body)} weights missing from {name!r} start random: {shown}",
+              file=sys.stderr)
+    return model, tuple(sorted(fresh))
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Drop transformers' load report (a multi-line table of MISSING keys) for this load only.
+
+    A filter, not a raised log level: transformers 5 runs an extra tensor-parallel check (and
+    warns about unsharded layers) whenever this logger's level is WARNING or above.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _DropLoadReport()
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+# --- skeletons for inspect ----------------------------------------------------------------------
+
+
+def _skeleton_config(name: str) -> tuple[Any, Any | None]:
+    from transformers import AutoConfig
+
+    # An embedded SmolLM2 is converted here if it was not yet: reading config and tokenizer from
+    # the GGUF file takes ~25 s on every call, the one-time conversion ~40 s and then 0.7 s.
+    location, kind = _resolve(name)
+    with _user_errors(name, kind):
+        config = AutoConfig.from_pretrained(location)
+    return config, _optional_tokenizer(location)
+
+
+def _optional_tokenizer(location: str) -> Any | None:
+    """The tokenizer if it is on disk (a config-only folder has none); never downloads one."""
+    from transformers import AutoTokenizer
+
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(location, local_files_only=True))
+    except (OSError, ValueError, TypeError, UserError):
+        return None
