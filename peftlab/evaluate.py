@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import encode_prompt
 from .losses import loss_sum
 
 
@@ -93,10 +94,11 @@ def generate_samples(model: nn.Module, tokenizer, prompts: list[tuple[str, str]]
     model.eval()
     samples = []
     for prompt, reference in prompts:
-        encoded = tokenizer(prompt, return_tensors="pt").to(device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        completion = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        # Tokenized exactly as in training, so the model sees the prompt it learned from.
+        input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
         samples.append({"prompt": prompt, "reference": reference, "generated": completion.strip()})
     model.train(was_training)
     return samples
