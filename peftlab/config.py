@@ -142,7 +142,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int | None = None  # steps; evaluation always runs at the end
     log_every: int = 1
-    save_every: int | None = None  # checkpoint every N steps (None: only at the end)
+    save_every: int | None = 50  # checkpoint every N steps (and on Ctrl-C); None: only on Ctrl-C
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     num_samples: int = 3  # instruction runs: generated samples to record

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,41 @@ class Diverged(Exception):
     def __init__(self, reason: str, parameters: list[str]):
         super().__init__(reason)
         self.reason, self.parameters = reason, parameters
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint at a step boundary."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}; checkpoint saved")
+        self.step = step
+
+
+class _StopAtStepBoundary:
+    """The first SIGINT/SIGTERM asks training to stop after the current step; a second one kills.
+
+    Stopping between steps keeps the weights, optimizer, scheduler and data position consistent,
+    so the checkpoint written on the way out resumes exactly.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -122,7 +159,11 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
           cfg: TrainConfig, *, pad_id: int, device: torch.device, log: MetricsLog,
           checkpoint_dir: Path | None = None, resume: bool = False,
           on_step: Callable[[int], None] | None = None) -> TrainOutcome:
-    """Train ``model`` (already prepared and on ``device``) and evaluate it at the end."""
+    """Train ``model`` (already prepared and on ``device``) and evaluate it at the end.
+
+    SIGINT/SIGTERM stop after the current step, save a checkpoint (when ``checkpoint_dir`` is
+    given) and raise ``Interrupted``; ``resume`` continues from the latest checkpoint.
+    """
     parameters = trainable_named_parameters(model)
     optimizer = build_optimizer(model, cfg)
     total_steps = total_steps_for(cfg, len(train_examples))
@@ -142,30 +183,32 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         log.write(record)
         return result
 
+    def checkpoint() -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history)
+
     stream = micro_batches(train_examples, cfg, pad_id, state)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, leave=False)
     try:
-        while state.step < total_steps:
-            started = time.perf_counter()
-            loss, tokens = _optimizer_step(model, parameters, optimizer, stream, state, task, cfg, device)
-            scheduler.step()
-            state.step += 1
-            state.train_seconds += time.perf_counter() - started
-            state.train_tokens += tokens
-            record = {"step": state.step, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": state.train_tokens / state.train_seconds}
-            history.append(record)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                log.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                run_eval()
-            if checkpoint_dir is not None and cfg.save_every and state.step % cfg.save_every == 0:
-                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history)
-            if on_step is not None:
-                on_step(state.step)
+        with _StopAtStepBoundary() as stop:
+            while state.step < total_steps:
+                record = _timed_step(model, parameters, optimizer, scheduler, stream, state, task, cfg, device)
+                history.append(record)
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    log.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                    run_eval()
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    checkpoint()
+                if stop.requested:
+                    checkpoint()
+                    log.message(f"interrupted after step {state.step}; rerun with --resume to continue")
+                    raise Interrupted(state.step)
+                if on_step is not None:
+                    on_step(state.step)
     except Diverged as error:
         outcome.status = "diverged"
         outcome.divergence = {"step": state.step + 1, "reason": error.reason, "parameters": error.parameters}
@@ -175,6 +218,20 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         bar.close()
     outcome.final_eval = run_eval()
     return outcome
+
+
+def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LambdaLR, stream: Iterator, state: TrainState, task: str,
+                cfg: TrainConfig, device: torch.device) -> dict:
+    """One optimizer step, with the state advanced and the step's log record returned."""
+    started = time.perf_counter()
+    loss, tokens = _optimizer_step(model, parameters, optimizer, stream, state, task, cfg, device)
+    scheduler.step()
+    state.step += 1
+    state.train_seconds += time.perf_counter() - started
+    state.train_tokens += tokens
+    return {"step": state.step, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": state.train_tokens / state.train_seconds}
 
 
 def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,

@@ -125,3 +125,23 @@ def test_scheduler_warms_up_then_decays_to_zero():
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp_path):
+    import os
+    import signal
+
+    from peftlab.train import Interrupted
+
+    cfg = TrainConfig(max_steps=5, batch_size=4, lr=1e-2, seed=2, save_every=None)
+    reference = _train(_lora_model(), cfg, tmp_path / "straight")
+
+    def press_ctrl_c(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        _train(_lora_model(), cfg, tmp_path / "stopped", on_step=press_ctrl_c)
+    assert stopped.value.step == 3  # the step under way when the signal came was completed and saved
+    resumed = _train(_lora_model(), cfg, tmp_path / "stopped", resume=True)
+    assert resumed.final_eval.loss == reference.final_eval.loss
