@@ -1,4 +1,4 @@
-"""Command line: `peftlab run` and `peftlab inspect`. Subcommands map to plain functions.
+"""Command line: `peftlab run`, `inspect`, `sweep` and `report`. Subcommands map to plain functions.
 
 A user mistake (UserError) prints one line and exits 2; anything else is a bug
 and keeps its traceback.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import sweep_cli
 from .config import MethodConfig, RankConfig, load_config
 from .errors import UserError
 
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                               "| custom:R0,R1,... | custom:FILE.json | budget:PARAMS")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
     inspect.set_defaults(handler=_inspect)
+    sweep_cli.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""Executors: run a sweep's trials in this process (local) or as Ray tasks (ray).
+
+Both call the same ``run_trial``, which records every outcome in the trial's folder: a failed run
+(any exception but a UserError) gets a summary.json with status "failed" and its error, a diverged
+run keeps the runner's "diverged" summary, and the sweep goes on. A UserError is the user's to fix
+and stops the sweep (finished trials stay; ``--resume`` continues).
+
+Ray: each trial is a task with one GPU when the cluster has GPUs, else one CPU. Workers write into
+the same sweep folder, so the driver and every worker must see one filesystem (one machine, or a
+shared mount at the same path); the report is then built from that folder as for a local sweep.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import config_to_dict
+from .errors import UserError
+from .sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
+
+Progress = Callable[[str], None]
+_CACHE: Any = None  # one base-model cache per process: the local process, or each Ray worker
+
+
+def process_model_cache() -> Any:
+    """The process's ``BaseModelCache`` (loads each base model once), or None where the runner has none."""
+    global _CACHE
+    if _CACHE is None:
+        try:
+            from .model_cache import BaseModelCache
+        except ImportError:
+            return None
+        if "model_cache" not in inspect.signature(_run_experiment()).parameters:
+            return None
+        _CACHE = BaseModelCache()
+    return _CACHE
+
+
+def _run_experiment() -> Callable[..., dict[str, Any]]:
+    from .run import run_experiment  # imported late: torch and transformers load only when a trial runs
+
+    return run_experiment
+
+
+def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> dict[str, Any]:
+    """Run one trial into its folder and return its summary; failures are recorded, not raised."""
+    write_json_atomic(trial.out_dir / TRIAL_FILE, trial.info())
+    extra = {"model_cache": model_cache} if model_cache is not None else {}
+    started = time.time()
+    try:
+        # resume=True is safe for a fresh folder too: sweep.plan left it empty or with a checkpoint of this config
+        summary = _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra)
+    except UserError as error:
+        raise UserError(f"run {trial.run_id}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any bug or OOM in one trial must not end the sweep
+        summary = _failed_summary(trial, error, started)
+    finally:
+        gc.collect()
+        _empty_cuda_cache()
+    summary["sweep"] = trial.info()
+    write_json_atomic(trial.out_dir / "summary.json", summary)
+    return summary
+
+
+def _failed_summary(trial: Trial, error: Exception, started: float) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "name": trial.run_id,
+        "error": f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",  # one line; full text below
+        "traceback": traceback.format_exc(),
+        "model": trial.config.model, "task": trial.config.task, "method": trial.config.method.name,
+        "metrics": {}, "params": {}, "resources": {}, "divergence": None, "data": {}, "placement": [],
+        "warnings": [], "environment": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_seconds": time.time() - started,
+        "config": config_to_dict(trial.config),
+    }
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def status_line(summary: dict[str, Any]) -> str:
+    """One line per finished trial for the terminal."""
+    status = summary["status"]
+    if status == "failed":
+        return f"failed: {summary.get('error', '')}"
+    if status == "diverged":
+        divergence = summary.get("divergence") or {}
+        return f"diverged at step {divergence.get('step')}: {divergence.get('reason')}"
+    metrics = summary.get("metrics", {})
+    shown = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics]
+    return f"{status} " + " ".join(shown)
+
+
+def _say(text: str) -> None:
+    print(f"peftlab sweep: {text}", file=sys.stderr, flush=True)
+
+
+# --- local -------------------------------------------------------------------------------------
+
+
+def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+    """Trials one after another in this process, sharing one base-model cache."""
+    cache = process_model_cache()
+    summaries = []
+    for index, (trial, resumed) in enumerate(todo, 1):
+        progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
+        summary = run_trial(trial, echo=echo, model_cache=cache)
+        progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
+        summaries.append(summary)
+    return summaries
+
+
+# --- ray ---------------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the ray executor needs Ray: pip install 'peftlab[ray]'") from None
+    return ray
+
+
+def _ray_trial(trial: Trial, echo: bool) -> dict[str, Any]:
+    """The Ray task body: a UserError comes back as a value, so the driver can print it as one line."""
+    try:
+        return run_trial(trial, echo=echo, model_cache=process_model_cache())
+    except UserError as error:
+        return {"status": "user_error", "error": str(error)}
+
+
+def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo: bool = True,
+            progress: Progress = _say) -> list[dict[str, Any]]:
+    """Trials as Ray tasks on a local instance (2 CPUs) or the cluster at ``address``."""
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=echo)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=echo)
+    pending: list[Any] = []
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_ray_trial)
+        refs = {task.remote(trial, echo): trial for trial, _ in todo}
+        pending = list(refs)
+        results: dict[str, dict[str, Any]] = {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            trial = refs[done[0]]
+            try:
+                summary = ray.get(done[0])
+            except ray.exceptions.RayError as error:  # the worker died (e.g. killed for memory): record it
+                summary = _failed_summary(trial, error, time.time())
+                summary["sweep"] = trial.info()
+                write_json_atomic(trial.out_dir / "summary.json", summary)
+            if summary["status"] == "user_error":
+                raise UserError(summary["error"])
+            results[trial.run_id] = summary
+            progress(f"[{len(results)}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
+        return [results[trial.run_id] for trial, _ in todo]
+    finally:
+        for ref in pending:  # interrupted or stopped by a user error: stop the rest; --resume picks them up
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address: str | None = None,
+            echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+    if executor == "local":
+        if address:
+            raise UserError("--ray-address needs --executor ray")
+        return run_local(todo, echo=echo, progress=progress)
+    if executor == "ray":
+        return run_ray(todo, address=address, echo=echo, progress=progress)
+    raise UserError(f"--executor {executor!r}: use local or ray")
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", address: str | None = None,
+              resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+    """Expand, check the folder (resume rules in sweep.plan), run what is left; return every trial's summary."""
+    if executor not in ("local", "ray") or (address and executor != "ray"):
+        raise UserError("--ray-address needs --executor ray" if address
+                        else f"--executor {executor!r}: use local or ray")
+    out = Path(out)
+    trials = expand(spec, out)
+    todo = plan(trials, out, resume=resume)
+    write_sweep_file(spec, out)
+    done = len(trials) - len(todo)
+    progress(f"{spec.name}: {len(trials)} runs ({len(spec.strategies)} strategies x "
+             f"{len(trials) // (len(spec.strategies) * len(spec.seeds))} grid points x {len(spec.seeds)} seeds)"
+             + (f", {done} already done" if done else "") + f", into {out}")
+    fresh = {t.run_id: s for (t, _), s in zip(todo, execute(todo, executor, address=address, echo=echo,
+                                                             progress=progress))} if todo else {}
+    return [fresh.get(t.run_id) or _read_summary(t) for t in trials]
+
+
+def _read_summary(trial: Trial) -> dict[str, Any]:
+    return json.loads((trial.out_dir / "summary.json").read_text())

@@ -1,0 +1,331 @@
+"""Sweeps: a base config plus axes (grid, named strategies, seeds) -> one trial per combination.
+
+Sweep file (YAML)::
+
+    name: selective_placement            # optional; default: the file's stem
+    base: {model: smollm2-135m, ...}     # an inline run config, or a path to a run config YAML
+    strategies:                          # named bundles of dotted overrides (default: one, "base")
+      all_linear: {method.placement: all_linear}
+      attention_only: {method.placement: attention_only}
+    grid: {method.ranks.r: [8, 16]}      # optional: every combination of these values
+    seeds: [42, 43, 44]                  # sets train.seed (default: the base config's seed)
+    baseline: all_linear                 # relative changes are against it (default: the first strategy)
+
+Each trial gets a stable id (strategy, grid values, seed and a short hash of those overrides) and lives
+in ``DIR/runs/<id>/``. ``--set`` overrides apply to every trial, after the strategy and grid.
+Relative paths (``base``, ``model``, ``data.source``, ``method.ranks.file``) are read relative to the
+sweep file when such a file exists there, else relative to the current folder, and stored absolute.
+
+Resume: a trial whose summary.json says completed or diverged is done (a divergence is a result, and
+deterministic: rerunning it would diverge again; delete its dir to redo it). A trial with a
+checkpoint continues from it; any other partial trial dir (killed before its first checkpoint, or
+failed) is cleared and restarted, so metrics.jsonl never holds two attempts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, apply_overrides, config_to_dict, from_dict, load_yaml
+from .errors import UserError
+
+SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
+DONE_STATUSES = ("completed", "diverged")
+SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the resolved sweep, read back by `peftlab report`
+TRIAL_FILE = "sweep_run.json"  # DIR/runs/<id>/sweep_run.json: which strategy, grid values and seed
+_PATH_KEYS = ("model", "data.source", "method.ranks.file")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: dict[str, Any]  # raw run config (validated per trial)
+    strategies: dict[str, dict[str, Any]]  # name -> flat {dotted.key: value}
+    grid: dict[str, list[Any]]
+    seeds: list[int]
+    baseline: str
+    overrides: list[str] = field(default_factory=list)  # --set key=value, for every trial
+    directory: Path = Path(".")  # the sweep file's folder: relative paths are read from here
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base, "strategies": self.strategies, "grid": self.grid,
+                "seeds": self.seeds, "baseline": self.baseline, "overrides": self.overrides}
+
+
+@dataclass
+class Trial:
+    run_id: str
+    strategy: str
+    strategy_index: int  # position in the sweep file: reports keep this order
+    grid: dict[str, Any]  # this trial's grid values
+    seed: int
+    config: RunConfig
+    out_dir: Path
+
+    def info(self) -> dict[str, Any]:
+        """What the report needs to group this trial, stored beside its results."""
+        return {"run_id": self.run_id, "strategy": self.strategy, "strategy_index": self.strategy_index,
+                "grid": self.grid, "seed": self.seed}
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read and check a sweep file; every trial's config is validated by ``expand``."""
+    path = Path(path)
+    raw = load_yaml(path)
+    return parse_sweep(raw, name=path.stem, directory=path.parent, overrides=list(overrides))
+
+
+def parse_sweep(raw: dict[str, Any], *, name: str = "sweep", directory: Path = Path("."),
+                overrides: list[str] | None = None) -> SweepSpec:
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (valid: {', '.join(SWEEP_KEYS)})"
+            raise UserError(f"unknown sweep key {key}{hint}")
+    overrides = list(overrides or [])
+    if any(text.split("=", 1)[0].strip() == "train.seed" for text in overrides):
+        raise UserError("--set train.seed would give every seed the same run; list seeds under seeds: instead")
+    base = _load_base(raw.get("base"), directory)
+    strategies = _parse_strategies(raw.get("strategies"))
+    grid = _parse_grid(raw.get("grid"))
+    for strategy, bundle in strategies.items():
+        clash = sorted(set(bundle) & set(grid))
+        if clash:
+            raise UserError(f"strategy {strategy} sets {clash[0]}, which the grid also sweeps; set it in one place")
+    seeds = _parse_seeds(raw.get("seeds"), base)
+    baseline = raw.get("baseline", next(iter(strategies)))
+    if baseline not in strategies:
+        raise UserError(_choice(f"baseline {baseline!r} is not a strategy", str(baseline), list(strategies)))
+    return SweepSpec(name=str(raw.get("name") or name), base=base, strategies=strategies, grid=grid,
+                     seeds=seeds, baseline=baseline, overrides=overrides, directory=directory)
+
+
+def _load_base(base: Any, directory: Path) -> dict[str, Any]:
+    if base is None:
+        return {}
+    if isinstance(base, str):
+        candidate = directory / base
+        return load_yaml(candidate if candidate.is_file() else base)
+    if not isinstance(base, dict):
+        raise UserError("sweep base: must be a run config mapping or a path to a run config YAML")
+    return base
+
+
+def _parse_strategies(strategies: Any) -> dict[str, dict[str, Any]]:
+    if strategies is None:
+        return {"base": {}}
+    if not isinstance(strategies, dict) or not strategies:
+        raise UserError("sweep strategies: must map each strategy name to its overrides, e.g. "
+                        "{attention_only: {method.placement: attention_only}}")
+    parsed = {}
+    for name, bundle in strategies.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
+            raise UserError(f"strategy name {name!r}: use letters, digits and _ . + - only (it names a folder)")
+        if bundle is not None and not isinstance(bundle, dict):
+            raise UserError(f"strategy {name}: overrides must be a mapping of dotted keys to values")
+        parsed[str(name)] = flatten(bundle or {})
+    return parsed
+
+
+def _parse_grid(grid: Any) -> dict[str, list[Any]]:
+    if grid is None:
+        return {}
+    if not isinstance(grid, dict):
+        raise UserError("sweep grid: must map dotted keys to lists of values, e.g. {method.ranks.r: [8, 16]}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"sweep grid {key}: must be a non-empty list of values")
+    return {str(k): list(v) for k, v in grid.items()}
+
+
+def _parse_seeds(seeds: Any, base: dict[str, Any]) -> list[int]:
+    if seeds is None:
+        return [int((base.get("train") or {}).get("seed", 42))]
+    whole = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not seeds or not whole:
+        raise UserError("sweep seeds: must be a non-empty list of whole numbers, e.g. [42, 43, 44]")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"sweep seeds: {seeds} lists a seed twice")
+    return seeds
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"method": {"ranks": {"r": 8}}} -> {"method.ranks.r": 8}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted != "data.fields":
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _choice(message: str, value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1)
+    return message + (f" (did you mean {close[0]!r}?)" if close else f" (strategies: {', '.join(choices)})")
+
+
+# --- expansion and ids -------------------------------------------------------------------------
+
+
+def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
+    """Every (strategy, grid combination, seed), in file order; configs validated here, before any run."""
+    out = Path(out).absolute()  # Ray workers may start in another folder
+    keys = list(spec.grid)
+    trials, seen = [], {}
+    for index, (strategy, bundle) in enumerate(spec.strategies.items()):
+        for combination in itertools.product(*(spec.grid[k] for k in keys)):
+            grid_values = dict(zip(keys, combination))
+            for seed in spec.seeds:
+                run_id = trial_id(strategy, grid_values, seed, bundle)
+                if run_id in seen:  # only if two strategies share a name after sanitising: impossible today
+                    raise UserError(f"two trials share the id {run_id}")
+                seen[run_id] = True
+                config = _trial_config(spec, strategy, bundle, grid_values, seed)
+                trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id))
+    return trials
+
+
+def _trial_config(spec: SweepSpec, strategy: str, bundle: dict[str, Any], grid_values: dict[str, Any],
+                  seed: int) -> RunConfig:
+    data = copy.deepcopy(spec.base)
+    for key, value in {**bundle, **grid_values, "train.seed": seed}.items():
+        set_dotted(data, key, value)
+    apply_overrides(data, spec.overrides)
+    _resolve_paths(data, spec.directory)
+    try:
+        return from_dict(RunConfig, data)
+    except UserError as error:
+        raise UserError(f"strategy {strategy}{_grid_label(grid_values)}: {error}") from None
+
+
+def _resolve_paths(data: dict[str, Any], directory: Path) -> None:
+    """Relative paths that exist beside the sweep file, else in the current folder, become absolute.
+
+    Absolute, because Ray workers need not share the driver's folder; aliases and hub ids stay as written.
+    """
+    for dotted in _PATH_KEYS:
+        node: Any = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(parts[-1]) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        for candidate in (directory / value, Path(value)):
+            if candidate.exists():
+                node[parts[-1]] = str(candidate.resolve())
+                break
+
+
+def trial_id(strategy: str, grid_values: dict[str, Any], seed: int, bundle: dict[str, Any]) -> str:
+    """Readable and stable: ``<strategy>[__<key>-<value>...]__seed<N>__<hash8>``.
+
+    The hash covers the strategy's overrides, the grid values and the seed (sha256 of sorted JSON,
+    never Python's salted hash), so editing a strategy's content gives its trials new ids.
+    """
+    parts = [strategy] + [f"{key.rsplit('.', 1)[-1]}-{_slug(value)}" for key, value in grid_values.items()]
+    parts.append(f"seed{seed}")
+    payload = json.dumps({"strategy": strategy, "overrides": bundle, "grid": grid_values, "seed": seed},
+                         sort_keys=True, default=str)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:8]
+    return "__".join(parts + [digest])
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:40] or "x"
+
+
+def _grid_label(grid_values: dict[str, Any]) -> str:
+    return "" if not grid_values else " [" + ", ".join(f"{k}={v}" for k, v in grid_values.items()) + "]"
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def trial_status(out_dir: Path) -> str:
+    """new | completed | diverged | failed | checkpoint (resumable) | partial (killed before a checkpoint)."""
+    summary = out_dir / "summary.json"
+    if summary.is_file():
+        status = json.loads(summary.read_text()).get("status", "failed")
+        if status in DONE_STATUSES:
+            return status
+    if (out_dir / "checkpoint.pt").is_file():
+        return "checkpoint"
+    if summary.is_file():
+        return "failed"
+    return "partial" if out_dir.exists() and any(out_dir.iterdir()) else "new"
+
+
+def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, bool]]:
+    """Check the sweep dir and return the trials still to run, each with its resume flag.
+
+    Nothing is deleted until every check has passed, so a refused --resume leaves DIR untouched.
+    """
+    statuses = {t.run_id: trial_status(t.out_dir) for t in trials}
+    if any(status != "new" for status in statuses.values()) and not resume:
+        raise UserError(f"{out} already holds this sweep's runs; pass --resume to continue it, or choose another --out")
+    for trial in trials:  # kept results must come from the same config; restarted ones may change
+        if statuses[trial.run_id] in (*DONE_STATUSES, "checkpoint"):
+            _check_same_config(trial)
+    todo = []
+    for trial in trials:
+        status = statuses[trial.run_id]
+        if status in DONE_STATUSES:
+            continue
+        if status in ("failed", "partial"):
+            shutil.rmtree(trial.out_dir)  # a restart from step 0 must not append to an old metrics.jsonl
+        todo.append((trial, status == "checkpoint"))
+    return todo
+
+
+def _check_same_config(trial: Trial) -> None:
+    saved = trial.out_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = config_to_dict(from_dict(RunConfig, yaml.safe_load(saved.read_text()) or {}))
+    new = config_to_dict(trial.config)
+    if old != new:
+        changed = [k for k in sorted(flatten(new)) if flatten(old).get(k) != flatten(new).get(k)]
+        raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "
+                        f"{', '.join(changed) or 'structure'}); use another --out for a changed sweep")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Temp file + os.replace: a reader (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def write_sweep_file(spec: SweepSpec, out: Path) -> None:
+    write_json_atomic(out / SWEEP_FILE, spec.as_json())

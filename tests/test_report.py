@@ -1,0 +1,209 @@
+"""Reports from fixed, hand-made run folders: tables against hand-computed values, warnings, figures, HTML."""
+
+import argparse
+import csv
+import json
+import math
+import re
+
+import pytest
+
+from peftlab.errors import UserError
+from peftlab.report import load_runs, make_report
+from peftlab.sweep_cli import add_commands
+
+ENV = {"peftlab": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.23.0", "device": "cpu", "processor": "Test CPU"}
+
+
+def _placement(rank, roles=("attn_q", "attn_v", "mlp_in")):
+    names = {"attn_q": "self_attn.q_proj", "attn_v": "self_attn.v_proj", "mlp_in": "mlp.up_proj"}
+    return [{"module": f"model.layers.{layer}.{names[role]}", "layer": layer, "role": role, "slices": None,
+             "rank": rank(layer)} for layer in range(4) for role in roles]
+
+
+def _write_run(root, run_id, strategy, index, seed, *, status="completed", loss=None, params=1000, seconds=10.0,
+               eval_examples=500, placement=None, summary=True, grid=None):
+    folder = root / "runs" / run_id
+    folder.mkdir(parents=True)
+    info = {"run_id": run_id, "strategy": strategy, "strategy_index": index, "grid": grid or {}, "seed": seed}
+    (folder / "sweep_run.json").write_text(json.dumps(info))
+    curve = [{"step": s, "train_loss": (loss or 3.0) + 1.0 / s, "lr": 1e-4, "tokens_per_s": 100.0}
+             for s in (1, 2, 3, 4)]
+    curve += [{"step": 4, "eval_loss": loss, "eval_units": 100}] if loss is not None else []
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve) + '{"step": 5, "trai')
+    if not summary:
+        return folder
+    record = {
+        "status": status, "name": run_id, "model": "tiny", "task": "instruction", "method": "lora",
+        "metrics": {"eval_loss": loss, "eval_units": 100, "perplexity": math.exp(loss), "train_loss": loss + 0.1}
+        if status == "completed" else {},
+        "params": {"trainable": params, "total": 100_000, "percent": 100 * params / 100_000},
+        "resources": {"train_seconds": seconds, "tokens_per_s": 100.0, "peak_memory_mb": 500.0 + params / 1000,
+                      "memory_kind": "peak_rss", "adapter_bytes": params * 4, "steps": 4, "total_steps": 4,
+                      "train_tokens": 400},
+        "divergence": {"step": 3, "reason": "non-finite gradient", "parameters": ["layers.1.lora_B"]}
+        if status == "diverged" else None,
+        "data": {"train_examples": 1000, "eval_examples": eval_examples},
+        "placement": placement or [], "warnings": [], "environment": ENV,
+        "started": f"2025-01-0{seed}T10:00:00", "wall_seconds": 12.0,
+        "config": {"model": "tiny", "data": {"source": "alpaca.jsonl"},
+                   "train": {"max_steps": 4, "batch_size": 8, "grad_accum": 1, "lr": 1e-4, "scheduler": "cosine",
+                             "warmup_ratio": 0.1, "weight_decay": 0.01, "seed": seed}},
+        "sweep": info,
+    }
+    if status == "failed":
+        record = {"status": "failed", "name": run_id, "error": "RuntimeError: out of memory", "sweep": info,
+                  "metrics": {}, "params": {}, "resources": {}, "environment": {}}
+    (folder / "summary.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """full (3 seeds), attention (3 seeds + 1 diverged), mlp (1 seed + 1 failed), one unfinished run."""
+    root = tmp_path / "sweep"
+    (root / "runs").mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "name": "placement", "baseline": "full", "grid": {}, "seeds": [1, 2, 3, 4],
+        "strategies": {"full": {"method.placement": "all_linear"}, "attention": {"method.placement": "attention_only"},
+                       "mlp": {"method.placement": "mlp_only"}}}))
+    for seed, loss in zip((1, 2, 3), (3.0, 3.2, 3.4)):
+        _write_run(root, f"full__seed{seed}", "full", 0, seed, loss=loss, params=6000,
+                   placement=_placement(lambda layer: 8))
+    for seed, loss in zip((1, 2, 3), (3.5, 3.7, 3.6)):
+        _write_run(root, f"attention__seed{seed}", "attention", 1, seed, loss=loss, params=2000, seconds=6.0,
+                   placement=_placement(lambda layer: 16 - 4 * layer, roles=("attn_q", "attn_v")))
+    _write_run(root, "attention__seed4", "attention", 1, 4, status="diverged")
+    _write_run(root, "mlp__seed1", "mlp", 2, 1, loss=4.0, params=4000, seconds=5.0)
+    _write_run(root, "mlp__seed2", "mlp", 2, 2, status="failed")
+    _write_run(root, "mlp__seed3", "mlp", 2, 3, summary=False)
+    return root
+
+
+def _csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_results_csv_has_a_row_per_run_with_every_metric(sweep_dir):
+    make_report(sweep_dir)
+    rows = {r["run_id"]: r for r in _csv(sweep_dir / "results.csv")}
+    assert len(rows) == 10
+    full = rows["full__seed2"]
+    assert (full["strategy"], full["seed"], full["status"]) == ("full", "2", "completed")
+    assert float(full["eval_loss"]) == 3.2 and float(full["perplexity"]) == math.exp(3.2)
+    assert float(full["train_loss"]) == pytest.approx(3.3) and full["trainable_params"] == "6000"
+    assert full["eval_units"] == "100" and full["memory_kind"] == "peak_rss"
+    diverged = rows["attention__seed4"]
+    assert diverged["status"] == "diverged" and "non-finite gradient" in diverged["reason"]
+    assert rows["mlp__seed2"]["reason"] == "RuntimeError: out of memory"
+    assert rows["mlp__seed3"]["status"] == "unfinished" and "--resume" in rows["mlp__seed3"]["reason"]
+
+
+def test_summary_csv_against_hand_computed_values(sweep_dir):
+    make_report(sweep_dir)
+    rows = {r["group"]: r for r in _csv(sweep_dir / "summary.csv")}
+    assert list(rows) == ["full", "attention", "mlp"]  # the sweep file's order
+    full, attention, mlp = rows["full"], rows["attention"], rows["mlp"]
+    half = 4.302652729749752 * 0.2 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n), s = 0.2
+    assert float(full["eval_loss_mean"]) == pytest.approx(3.2) and float(full["eval_loss_std"]) == pytest.approx(0.2)
+    assert float(full["eval_loss_ci95_low"]) == pytest.approx(3.2 - half)
+    assert float(full["eval_loss_ci95_high"]) == pytest.approx(3.2 + half)
+    # attention: mean 3.6 over its 3 completed seeds; the diverged 4th is excluded, not averaged in
+    assert (attention["n_runs"], attention["n_completed"]) == ("4", "3")
+    assert attention["excluded_runs"] == "attention__seed4 (diverged)"
+    assert float(attention["eval_loss_mean"]) == pytest.approx(3.6)
+    assert float(attention["eval_loss_change_pct"]) == pytest.approx(100 * 0.4 / 3.2)
+    assert float(attention["param_reduction_pct"]) == pytest.approx(100 * 4000 / 6000)
+    assert float(attention["efficiency_ratio"]) == pytest.approx(0.4 / (4000 / 1e6))  # loss up per M params saved
+    assert float(attention["train_seconds_change_pct"]) == pytest.approx(-40.0)
+    assert mlp["n_completed"] == "1" and mlp["eval_loss_std"] == "" and mlp["eval_loss_ci95_low"] == ""
+    assert float(mlp["efficiency_ratio"]) == pytest.approx(0.8 / (2000 / 1e6))
+    assert full["efficiency_ratio"] == ""  # no parameters saved against itself: undefined
+    # Pareto (lower loss, fewer params): attention (2000, 3.6) and full (6000, 3.2); mlp (4000, 4.0) is dominated
+    assert [rows[g]["pareto_quality_vs_params"] for g in rows] == ["True", "True", "False"]
+    assert [rows[g]["pareto_quality_vs_time"] for g in rows] == ["True", "True", "True"]
+
+
+def test_report_states_what_the_data_cannot_separate(sweep_dir):
+    make_report(sweep_dir)
+    text = (sweep_dir / "report.md").read_text()
+    assert ("attention__seed4 is diverged and is excluded from every mean: diverged at step 3: "
+            "non-finite gradient") in text
+    assert "mlp__seed2 is failed and is excluded from every mean: RuntimeError: out of memory" in text
+    assert "mlp__seed3 is unfinished" in text
+    assert "mlp has one completed seed: no confidence interval, so the data cannot separate it" in text
+    assert "full and attention: the 95% confidence intervals of eval_loss overlap" in text  # [2.70,3.70] vs [3.35,3.85]
+    assert "evaluated on only" not in text  # 500 eval examples: no small-eval warning
+
+
+def test_small_eval_set_is_flagged(tmp_path):
+    root = tmp_path / "s"
+    for seed in (1, 2):
+        _write_run(root, f"a__seed{seed}", "a", 0, seed, loss=3.0 + seed / 10, eval_examples=20)
+    make_report(root)
+    text = (root / "report.md").read_text()
+    assert "evaluated on only 20 examples" in text and "cannot separate" in text
+
+
+def test_report_embeds_figures_and_environment(sweep_dir):
+    make_report(sweep_dir)
+    markdown = (sweep_dir / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(linked) == ["figures/loss_curves.png", "figures/quality_vs_params.png", "figures/rank_heatmap.png",
+                              "figures/time_memory.png"]
+    for link in linked:
+        assert (sweep_dir / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (sweep_dir / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 4
+    assert not re.search(r"src=['\"](?!data:)", html) and "<link" not in html  # self-contained
+    for needle in ("torch: 2.13.0+cpu", "transformers: 5.23.0", "device: cpu", "2025-01-01T10:00:00"):
+        assert needle in markdown
+    assert "method.placement=attention_only" in markdown  # what each strategy is, for a reader without the config
+
+
+def test_report_is_rebuilt_from_run_dirs_alone_and_is_stable(sweep_dir):
+    make_report(sweep_dir)
+    first = (sweep_dir / "summary.csv").read_text(), (sweep_dir / "results.csv").read_text()
+    (sweep_dir / "sweep.json").unlink()  # without it: order from the runs, baseline = the first strategy
+    make_report(sweep_dir)
+    assert ((sweep_dir / "summary.csv").read_text(), (sweep_dir / "results.csv").read_text()) == first
+    make_report(sweep_dir, baseline="attention")
+    rows = {r["group"]: r for r in _csv(sweep_dir / "summary.csv")}
+    assert float(rows["full"]["eval_loss_change_pct"]) == pytest.approx(-100 * 0.4 / 3.6)
+    assert not list(sweep_dir.rglob("*.tmp"))
+
+
+def test_load_runs_falls_back_to_sweep_run_json(sweep_dir):
+    runs = {r.run_id: r for r in load_runs(sweep_dir)}
+    assert runs["mlp__seed3"].strategy == "mlp" and runs["mlp__seed3"].summary is None
+
+
+def test_report_command_and_its_errors(sweep_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["report", str(sweep_dir)])
+    assert args.handler(args) == 0 and "report.md" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not found"):
+        args = parser.parse_args(["report", str(tmp_path / "nothing")])
+        args.handler(args)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no runs"):
+        make_report(tmp_path / "empty")
+    with pytest.raises(UserError, match="baseline 'nope'"):
+        make_report(sweep_dir, baseline="nope")
+
+
+def test_grid_groups_compare_to_the_baseline_at_the_same_grid_point(tmp_path):
+    root = tmp_path / "g"
+    for r, (base_loss, other_loss) in {4: (3.0, 3.3), 8: (2.0, 2.5)}.items():
+        for seed in (1, 2):
+            grid = {"method.ranks.r": r}
+            _write_run(root, f"base__r{r}__s{seed}", "base", 0, seed, loss=base_loss + seed / 100, grid=grid)
+            _write_run(root, f"other__r{r}__s{seed}", "other", 1, seed, loss=other_loss + seed / 100, grid=grid)
+    make_report(root)
+    rows = {r["group"]: r for r in _csv(root / "summary.csv")}
+    assert set(rows) == {"base [r=4]", "base [r=8]", "other [r=4]", "other [r=8]"}
+    assert rows["other [r=8]"]["method.ranks.r"] == "8"
+    assert float(rows["other [r=8]"]["eval_loss_change_pct"]) == pytest.approx(100 * 0.5 / 2.015)
+    assert float(rows["other [r=4]"]["eval_loss_change_pct"]) == pytest.approx(100 * 0.3 / 3.015)

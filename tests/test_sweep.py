@@ -1,0 +1,419 @@
+"""Sweeps: file parsing, grid expansion, stable ids, resume rules, failures, and runs end to end."""
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab import executors
+from peftlab.config import config_to_dict
+from peftlab.errors import UserError
+from peftlab.sweep import expand, load_sweep, parse_sweep, plan, trial_id, trial_status
+from peftlab.sweep_cli import add_commands
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SWEEP_EXAMPLES = ["selective_placement", "adaptive_ranks", "methods_classification", "lora_vs_full"]
+
+
+def _spec(**raw):
+    raw.setdefault("base", {"model": "m", "train": {"max_steps": 2}})
+    return parse_sweep(raw)
+
+
+# --- parsing and expansion ---------------------------------------------------------------------
+
+
+def test_expansion_order_count_and_settings():
+    spec = _spec(strategies={"a": {"method.placement": "attention_only"}, "b": {"method": {"placement": "mlp_only"}}},
+                 grid={"method.ranks.r": [4, 8], "train.lr": [1e-3]}, seeds=[1, 2])
+    trials = expand(spec, "out")
+    assert len(trials) == 2 * 2 * 1 * 2
+    assert [(t.strategy, t.grid["method.ranks.r"], t.seed) for t in trials[:4]] == [
+        ("a", 4, 1), ("a", 4, 2), ("a", 8, 1), ("a", 8, 2)]
+    first = trials[0].config
+    assert first.method.placement == "attention_only" and first.method.ranks.r == 4 and first.train.seed == 1
+    assert trials[-1].config.method.placement == "mlp_only" and first.train.max_steps == 2
+    assert len({t.run_id for t in trials}) == len(trials)
+    assert all(t.out_dir == Path("out").absolute() / "runs" / t.run_id for t in trials)
+    assert spec.baseline == "a"  # default: the first strategy
+
+
+def test_ids_are_readable_stable_and_follow_content():
+    run_id = trial_id("attention_only", {"method.ranks.r": 8}, 42, {"method.placement": "attention_only"})
+    assert run_id.startswith("attention_only__r-8__seed42__") and len(run_id.rsplit("__", 1)[1]) == 8
+    assert run_id == trial_id("attention_only", {"method.ranks.r": 8}, 42, {"method.placement": "attention_only"})
+    # A pinned value: ids must not change between Python processes or releases (resume depends on it).
+    assert trial_id("a", {}, 1, {}) == "a__seed1__" + __import__("hashlib").sha256(
+        json.dumps({"grid": {}, "overrides": {}, "seed": 1, "strategy": "a"}, sort_keys=True).encode()).hexdigest()[:8]
+    changed = trial_id("attention_only", {"method.ranks.r": 8}, 42, {"method.placement": "mlp_only"})
+    assert changed != run_id and changed.rsplit("__", 1)[0] == run_id.rsplit("__", 1)[0]
+
+
+def test_set_overrides_every_run_and_wins():
+    spec = _spec(strategies={"a": {"train.lr": 1e-3}, "b": {}}, seeds=[1, 2])
+    spec.overrides = ["train.lr=5e-4", "data.eval_size=10"]
+    assert {(t.config.train.lr, t.config.data.eval_size) for t in expand(spec, "o")} == {(5e-4, 10)}
+    ids = [t.run_id for t in expand(spec, "o")]
+    spec.overrides = []
+    assert [t.run_id for t in expand(spec, "o")] == ids  # --set is checked on resume, not part of the id
+
+
+SWEEP_MISTAKES = [
+    ({"strategy": {}}, "did you mean strategies"),
+    ({"seeds": [1, 1]}, "twice"),
+    ({"seeds": "42"}, "seeds"),
+    ({"grid": {"train.lr": []}}, "non-empty list"),
+    ({"baseline": "nope", "strategies": {"a": {}}}, "baseline 'nope'"),
+    ({"strategies": {"a b": {}}}, "strategy name"),
+    ({"strategies": {"a": {"method.ranks.r": 4}}, "grid": {"method.ranks.r": [8]}}, "set it in one place"),
+    ({"strategies": {"bad": {"method.placment": "mlp_only"}}}, "strategy bad: unknown config key method.placment"),
+    ({"strategies": {"bad": {"method.placement": "attn"}}}, "strategy bad: method.placement"),
+]
+
+
+@pytest.mark.parametrize("raw,message", SWEEP_MISTAKES)
+def test_invalid_sweeps_are_one_line_user_errors(raw, message):
+    with pytest.raises(UserError) as error:
+        expand(_spec(**raw), "o")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_set_train_seed_is_refused():
+    with pytest.raises(UserError, match="seeds"):
+        parse_sweep({"base": {}}, overrides=["train.seed=3"])
+
+
+def test_base_path_and_relative_files_resolve_beside_the_sweep_file(tmp_path):
+    (tmp_path / "ranks.json").write_text(json.dumps({"layer_ranks": [1, 2]}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": "m", "method": {"ranks": {"file": "ranks.json"}}}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "run.yaml", "strategies": {"c": {
+        "method.ranks.schedule": "custom"}}}))
+    spec = load_sweep(tmp_path / "s.yaml")
+    assert spec.name == "s" and spec.seeds == [42]
+    (trial,) = expand(spec, tmp_path / "out")
+    assert trial.config.method.ranks.file == str((tmp_path / "ranks.json").resolve())
+
+
+def test_missing_sweep_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_sweep(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_sweep(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", SWEEP_EXAMPLES)
+def test_example_sweeps_parse_and_expand(name):
+    spec = load_sweep(EXAMPLES / f"{name}.yaml")
+    trials = expand(spec, "out")
+    assert len(trials) == len(spec.strategies) * len(spec.seeds) and len(spec.seeds) >= 3
+    assert spec.baseline in spec.strategies
+    text = (EXAMPLES / f"{name}.yaml").read_text()
+    assert f"peftlab sweep examples/{name}.yaml" in text and "--set model=" in text  # the real-setup command
+    for trial in trials:
+        if trial.config.method.ranks.schedule == "custom":
+            ranks = json.loads(Path(trial.config.method.ranks.file).read_text())["layer_ranks"]
+            assert len(ranks) == 30  # SmolLM2-135M has 30 layers
+
+
+def test_example_expected_settings():
+    placement = {t.strategy: t.config for t in expand(load_sweep(EXAMPLES / "selective_placement.yaml"), "o")}
+    base = placement["attention_only"]
+    assert (base.method.ranks.r, base.method.alpha, base.method.dropout, base.train.lr, base.train.scheduler,
+            base.train.warmup_ratio, base.train.weight_decay) == (16, 32, 0.1, 2e-4, "cosine", 0.1, 0.01)
+    budgets = {placement[f"{p}_budget"].method.ranks.budget for p in ("all_linear", "attention_only", "mlp_only")}
+    assert budgets == {30 * 16 * ((576 + 576) + 2 * (576 + 192) + (576 + 576))}  # attention_only, r=16, SmolLM2
+    ranks = {t.strategy: t.config.method.ranks for t in expand(load_sweep(EXAMPLES / "adaptive_ranks.yaml"), "o")}
+    assert set(ranks) == {"uniform_r8", "uniform_r16", "linear_decay", "attention_heavy", "empirical", "custom_taper"}
+    assert (ranks["linear_decay"].start, ranks["linear_decay"].end) == (16, 4)
+    assert (ranks["attention_heavy"].attention_r, ranks["attention_heavy"].mlp_r) == (16, 8)
+    assert ranks["empirical"].multipliers == [0.6, 1.2, 1.0] and ranks["empirical"].r == 16
+    methods = {t.strategy: t.config.method for t in expand(load_sweep(EXAMPLES / "methods_classification.yaml"), "o")}
+    assert {m.name for m in methods.values()} == {"partial", "adapter", "lora", "full"}
+    assert methods["houlsby_adapter"].adapter_variant == "houlsby"
+
+
+# --- resume rules on hand-made run folders -----------------------------------------------------
+
+
+def _write_run(trial, status=None, checkpoint=False, extra=True):
+    trial.out_dir.mkdir(parents=True, exist_ok=True)
+    (trial.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(trial.config)))
+    if extra:
+        (trial.out_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 1.0}\n')
+    if status:
+        (trial.out_dir / "summary.json").write_text(json.dumps({"status": status}))
+    if checkpoint:
+        (trial.out_dir / "checkpoint.pt").write_bytes(b"x")
+
+
+def test_plan_keeps_finished_resumes_checkpoints_and_restarts_the_rest(tmp_path):
+    spec = _spec(strategies={"a": {}}, seeds=[1, 2, 3, 4, 5, 6])
+    trials = expand(spec, tmp_path)
+    _write_run(trials[0], "completed")
+    _write_run(trials[1], "diverged")
+    _write_run(trials[2], "failed")
+    _write_run(trials[3], checkpoint=True)
+    _write_run(trials[4])  # killed before its first checkpoint
+    assert [trial_status(t.out_dir) for t in trials] == [
+        "completed", "diverged", "failed", "checkpoint", "partial", "new"]
+    with pytest.raises(UserError, match="--resume"):
+        plan(trials, tmp_path, resume=False)
+    todo = plan(trials, tmp_path, resume=True)
+    assert [(t.seed, resumed) for t, resumed in todo] == [(3, False), (4, True), (5, False), (6, False)]
+    assert not trials[2].out_dir.exists() and not trials[4].out_dir.exists()  # cleared: no mixed metrics
+    assert (trials[3].out_dir / "checkpoint.pt").exists() and (trials[0].out_dir / "summary.json").exists()
+
+
+def test_resume_refuses_a_changed_config_and_touches_nothing(tmp_path):
+    spec = _spec(strategies={"a": {}}, seeds=[1, 2])
+    trials = expand(spec, tmp_path)
+    _write_run(trials[0], "completed")
+    _write_run(trials[1])
+    spec.overrides = ["train.max_steps=7"]
+    with pytest.raises(UserError, match="changed: train.max_steps"):
+        plan(expand(spec, tmp_path), tmp_path, resume=True)
+    assert (trials[1].out_dir / "metrics.jsonl").exists()
+
+
+# --- sweeps with a stand-in runner: failures, divergence, interruption -------------------------
+
+
+class FakeRunner:
+    """Writes what run_experiment writes; a strategy named fail* raises, diverge* diverges."""
+
+    def __init__(self, interrupt_at=None):
+        self.calls, self.interrupt_at = [], interrupt_at
+
+    def __call__(self, config, out_dir, *, resume=False, echo=True, on_step=None):
+        out_dir = Path(out_dir)
+        self.calls.append(out_dir.name)
+        if self.interrupt_at == out_dir.name:
+            (out_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n')
+            raise KeyboardInterrupt
+        if out_dir.name.startswith("fail"):
+            raise RuntimeError("CUDA out of memory (pretend)")
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+        diverged = out_dir.name.startswith("diverge")
+        loss = 1.0 + config.train.seed / 100
+        summary = {"status": "diverged" if diverged else "completed", "name": out_dir.name, "task": config.task,
+                   "metrics": {} if diverged else {"eval_loss": loss, "perplexity": 2.718 ** loss, "train_loss": loss},
+                   "params": {"trainable": 10, "total": 100, "percent": 10.0},
+                   "resources": {"train_seconds": 1.0, "peak_memory_mb": 5.0, "memory_kind": "peak_rss"},
+                   "divergence": {"step": 2, "reason": "non-finite training loss (nan)", "parameters": ["w"]}
+                   if diverged else None, "data": {"eval_examples": 6}, "placement": [], "warnings": []}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+
+def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    runner = FakeRunner()
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    spec = _spec(strategies={"fail": {}, "diverge": {}, "ok": {}}, seeds=[1])
+    summaries = executors.run_sweep(spec, tmp_path, progress=lambda _: None)
+    assert [s["status"] for s in summaries] == ["failed", "diverged", "completed"]
+    failed = json.loads(next((tmp_path / "runs").glob("fail*/summary.json")).read_text())
+    assert failed["error"] == "RuntimeError: CUDA out of memory (pretend)" and failed["sweep"]["strategy"] == "fail"
+    # resume: the failed run is retried, the diverged and completed ones are not
+    runner.calls.clear()
+    executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
+    assert [c.split("__")[0] for c in runner.calls] == ["fail"]
+
+
+def test_user_error_in_a_run_stops_the_sweep_with_its_id(tmp_path, monkeypatch):
+    def runner(config, out_dir, **_):
+        raise UserError("method.ranks.r=999 exceeds the rank limit of x")
+
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    with pytest.raises(UserError, match=r"run a__seed1__\w+: method.ranks.r=999"):
+        executors.run_sweep(_spec(strategies={"a": {}}, seeds=[1]), tmp_path, progress=lambda _: None)
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    spec = _spec(strategies={"a": {}}, seeds=[1, 2, 3])
+    ids = [t.run_id for t in expand(spec, tmp_path)]
+    runner = FakeRunner(interrupt_at=ids[1])
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    with pytest.raises(KeyboardInterrupt):
+        executors.run_sweep(spec, tmp_path, progress=lambda _: None)
+    first = tmp_path / "runs" / ids[0] / "summary.json"
+    before = (first.stat().st_mtime_ns, first.read_text())
+    runner.calls.clear()
+    runner.interrupt_at = None
+    summaries = executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
+    assert runner.calls == ids[1:] and [s["status"] for s in summaries] == ["completed"] * 3
+    assert (first.stat().st_mtime_ns, first.read_text()) == before
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_ray_missing_is_a_user_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(UserError, match=r"pip install 'peftlab\[ray\]'"):
+        executors.execute([], "ray")
+
+
+# --- end to end on a tiny local model ----------------------------------------------------------
+
+
+def _alpaca(path, n=24):
+    records = [{"instruction": f"what is the capital number {i}", "input": "",
+                "output": "paris is the capital " * (1 + i % 3)} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _tiny_sweep(tmp_path, model_dir, strategies=None, seeds=(0,)):
+    sweep = {
+        "name": "tiny",
+        "base": {"model": str(model_dir), "task": "instruction",
+                 "data": {"source": str(_alpaca(tmp_path / "alpaca.jsonl")), "eval_size": 6},
+                 "method": {"name": "lora", "ranks": {"r": 2}, "alpha": 4},
+                 "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "num_samples": 0, "save_every": 1,
+                           "device": "cpu"}},
+        "strategies": strategies or {"attention_only": {"method.placement": "attention_only"},
+                                     "mlp_only": {"method.placement": "mlp_only"}},
+        "seeds": list(seeds),
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def _cli(argv):
+    """The sweep/report commands as cli.main runs them (until cli.py registers them)."""
+    parser = argparse.ArgumentParser(prog="peftlab")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"peftlab: error: {error}")
+        return 2
+
+
+def _metric_columns(directory):
+    with open(directory / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    keep = ("run_id", "status", "eval_loss", "perplexity", "train_loss", "eval_units", "trainable_params",
+            "total_params", "percent_trainable", "steps", "train_tokens")
+    return [{k: row[k] for k in keep} for row in rows]
+
+
+def test_two_run_sweep_end_to_end_local(tmp_path, tiny_llama_dir):
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
+    out = tmp_path / "local"
+    assert _cli(["sweep", str(sweep), "--out", str(out)]) == 0
+    rows = _metric_columns(out)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert rows[0]["trainable_params"] != rows[1]["trainable_params"]
+    for name in ("results.csv", "summary.csv", "report.md", "report.html", "sweep.json"):
+        assert (out / name).is_file()
+    assert _cli(["sweep", str(sweep), "--out", str(out)]) == 2  # no silent overwrite
+    assert _cli(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0  # nothing left: report only
+
+
+def test_local_and_ray_executors_give_the_same_results(tmp_path, tiny_llama_dir):
+    pytest.importorskip("ray")
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
+    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "local")]) == 0
+    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    assert _metric_columns(tmp_path / "ray") == _metric_columns(tmp_path / "local")
+
+
+def test_kill_and_resume_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C in the second run after step 2; --resume keeps run 1 and continues run 2 from its checkpoint."""
+    from peftlab.run import run_experiment
+
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir, strategies={"a": {"method.placement": "attention_only"}},
+                        seeds=(0, 1))
+    out = tmp_path / "out"
+    calls = []
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    def runner(config, out_dir, **kwargs):
+        calls.append(Path(out_dir).name)
+        if len(calls) == 2:
+            kwargs["on_step"] = interrupt
+        return run_experiment(config, out_dir, **kwargs)
+
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(["sweep", str(sweep), "--out", str(out)])
+    first, second = (out / "runs" / name for name in calls)
+    stamp = os.stat(first / "summary.json").st_mtime_ns
+    assert (second / "checkpoint.pt").is_file() and not (second / "summary.json").exists()
+    calls.clear()
+    assert _cli(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0
+    assert calls == [second.name] and os.stat(first / "summary.json").st_mtime_ns == stamp
+    assert "resumed from step 2" in (second / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
+
+
+def test_diverged_run_is_reported_and_excluded_end_to_end(tmp_path, tiny_llama_dir):
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir, strategies={
+        "stable": {"method.placement": "all_linear"},
+        "explodes": {"method.placement": "all_linear", "train.lr": 1.0e30, "train.max_grad_norm": None}})
+    out = tmp_path / "out"
+    assert _cli(["sweep", str(sweep), "--out", str(out)]) == 0
+    statuses = {r["strategy"]: r["status"] for r in csv.DictReader(open(out / "results.csv"))}
+    assert statuses == {"stable": "completed", "explodes": "diverged"}
+    summary = {r["group"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert summary["explodes"]["n_completed"] == "0" and summary["explodes"]["eval_loss_mean"] == ""
+    report = (out / "report.md").read_text()
+    assert "is diverged and is excluded from every mean" in report and "non-finite" in report
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path, tiny_llama_dir):
+    """A real kill -9 of `peftlab sweep` while run 2 trains: --resume keeps run 1, continues run 2."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir, strategies={
+        "short": {"method.placement": "attention_only"},
+        "long": {"method.placement": "attention_only", "train.max_steps": 400}})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "peftlab.cli", "sweep", str(sweep), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            short = list(out.glob("runs/short*/summary.json"))
+            if short and list(out.glob("runs/long*/checkpoint.pt")):
+                break
+            assert process.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    (short,) = short
+    before = short.read_text()
+    long_dir = next(out.glob("runs/long*"))
+    assert not (long_dir / "summary.json").exists()
+    assert _cli(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0
+    assert short.read_text() == before
+    assert "resumed from step" in (long_dir / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (long_dir / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in json.loads(line)]
+    assert steps == list(range(1, 401))  # no step lost, none logged twice
