@@ -145,6 +145,7 @@ class TrainConfig:
     save_every: int | None = 50  # checkpoint every N steps (and on Ctrl-C); None: only on Ctrl-C
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    train_eval_size: int = 0  # also evaluate the final model on this many training examples (train accuracy)
     num_samples: int = 3  # instruction runs: generated samples to record
     max_new_tokens: int = 48
 
@@ -162,6 +163,7 @@ class TrainConfig:
         _require(self.eval_every is None or self.eval_every >= 1, "train.eval_every must be >= 1")
         _require(self.save_every is None or self.save_every >= 1, "train.save_every must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
         _require(self.device in ("auto", "cpu", "cuda", "mps"),
                  _choice_message("train.device", self.device, ("auto", "cpu", "cuda", "mps")))
         _require(self.precision in ("auto", "fp32", "bf16"),

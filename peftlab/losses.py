@@ -3,6 +3,14 @@
 Losses are returned as *sums* with their counts, so that any mean over several
 batches (gradient accumulation, a whole eval set) is token-weighted exactly:
 mean = sum of losses / number of label tokens, never a mean of batch means.
+
+Causal LMs take two speed paths, each proven equal to the plain full-logits loss by
+tests (tests/test_losses.py, tests/test_bench.py) and measured by bench/:
+* the LM head runs only at positions that carry a label (prompt and padding carry
+  none), which skips most of the vocab projection on instruction data;
+* head + cross-entropy run fused, a chunk of rows at a time, with the gradient taken
+  in the same pass: the [N, V] fp32 logits are never all alive at once, and softmax
+  is not re-read in backward.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -19,6 +28,11 @@ IGNORE_INDEX = -100
 # instruction data. Other types (logit soft-capping, scaled logits) take the
 # plain full-logits path.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "smollm3"})
+
+# Logit elements per chunk of the fused head + cross-entropy: 2**22 fp32 = 16 MiB, 85 rows of a
+# 49k vocabulary. Measured by bench/levers.py: smaller chunks cost per-call overhead, larger ones
+# only cost memory (every chunk size gives the same loss).
+CHUNK_ELEMENTS = 2**22
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
@@ -30,8 +44,36 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
         return F.cross_entropy(logits.float(), batch["label"], reduction="sum"), int(batch["label"].numel())
+    head = plain_head(model)
+    if head is not None:
+        hidden, targets = labelled_hidden(model, batch)  # [N, H], [N]
+        return linear_cross_entropy_sum(hidden, head.weight, targets), int(targets.numel())
     logits, targets = labelled_logits(model, batch)  # [N, V], [N]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when logits are exactly ``hidden @ head.weight.T`` (a bias-free nn.Linear), else None.
+
+    A wrapped head (LoRA on lm_head) or a head with a bias takes the module-call path instead.
+    """
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return head
+
+
+def labelled_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions that predict a label token, and those labels: [N, H], [N].
+
+    Position t predicts token t+1, so labels are shifted left by one.
+    """
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    keep = labels != IGNORE_INDEX  # [B, T-1]
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden[:, :-1][keep], labels[keep]
 
 
 def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,3 +99,71 @@ def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((labels != IGNORE_INDEX).sum())
+
+
+# --- fused, chunked head + cross-entropy --------------------------------------------------------
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_rows: int | None = None) -> torch.Tensor:
+    """sum_i cross_entropy(hidden[i] @ weight.T, targets[i]) in fp32, a chunk of rows at a time.
+
+    hidden [N, H], weight [V, H], targets [N] (no ignore_index: pass labelled rows only). Equal to
+    ``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")`` up to float
+    summation order, with the same autocast behaviour (the matmuls follow the ambient autocast).
+    """
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[start:start + rows], weight).float()  # [c, V]
+        total += _chunk_loss(logits, targets[start:start + rows])
+    return total
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed CE of one chunk from fp32 logits [c, V]: logsumexp - the target's logit."""
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them.
+
+    Per chunk: logits = h @ W.T, softmax in place, minus one at the target = dL/dlogits, then
+    dL/dh = g @ W and (only when W trains) dL/dW += g.T @ h. Only [N, H] (and [V, H]) are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int) -> torch.Tensor:
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk, chunk_targets = hidden[start:start + rows], targets[start:start + rows]
+            raw = F.linear(chunk, weight)  # [c, V], bf16 under CUDA autocast
+            logits = raw.float()
+            total += _chunk_loss(logits, chunk_targets)
+            # dL/dlogits = softmax - one_hot(target), written over the fp32 logits in place.
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            grad = logits.sub_(lse).exp_()
+            grad.scatter_add_(1, chunk_targets[:, None], grad.new_full((grad.shape[0], 1), -1.0))
+            grad = grad.to(raw.dtype)  # as autograd would cast it back through .float()
+            if need_hidden:
+                grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
+            if need_weight:
+                grad_weight += (grad.T @ chunk.to(grad.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.float()
+        d_hidden = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
+        d_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        return d_hidden, d_weight, None, None

@@ -12,6 +12,7 @@ Output directory:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from .checkpoint import CHECKPOINT_FILE, has_checkpoint
 from .config import RunConfig, config_to_dict, from_dict
 from .data import TaskData, load_task_data
 from .errors import UserError
-from .evaluate import generate_samples
+from .evaluate import evaluate, generate_samples
 from .export import export_peft_adapter
 from .methods import Prepared, prepare
 from .modelmap import build_model_map
@@ -35,7 +36,7 @@ from .models import load_model, load_tokenizer
 from .placement import format_placement_map
 from .resources import environment, peak_memory, reset_peak_memory, resolve_device, seed_everything
 from .tracking import MetricsLog
-from .train import TrainOutcome, train
+from .train import TrainOutcome, autocast_for, eval_batches, train
 
 SMALL_EVAL_WARNING = 100  # fewer eval examples than this cannot separate close strategies
 
@@ -73,9 +74,14 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
             model_map, prepared.targets, prepared.ranks or None,
             trainable_params=prepared.trainable_params, total_params=prepared.total_params))
     model.to(device)
+    gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
                     device=device, log=log, checkpoint_dir=out_dir, resume=resume, on_step=on_step)
+    if outcome.status == "completed" and config.train.train_eval_size:
+        outcome.train_eval = evaluate(model, eval_batches(data.train[: config.train.train_eval_size], config.train,
+                                                          tokenizer.pad_token_id, device),
+                                      config.task, autocast_for(device, config.train.precision))
     samples = []
     if outcome.status == "completed" and config.task == "instruction" and config.train.num_samples:
         samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
@@ -168,6 +174,8 @@ def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepare
     metrics: dict[str, Any] = {}
     if outcome.final_eval is not None:
         metrics.update(outcome.final_eval.as_metrics())
+    if outcome.train_eval is not None:  # the same measures on training examples: train_eval_loss, train_accuracy...
+        metrics.update({"train_" + k: v for k, v in outcome.train_eval.as_metrics().items()})
     train_losses = [r["train_loss"] for r in outcome.history if "train_loss" in r]
     if train_losses:
         metrics["train_loss"] = train_losses[-1]

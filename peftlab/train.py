@@ -37,6 +37,7 @@ class TrainOutcome:
     total_steps: int
     final_eval: EvalResult | None = None
     divergence: dict | None = None  # {"step", "reason", "parameters"}
+    train_eval: EvalResult | None = None  # the final model on a subset of its training examples
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -177,7 +178,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     outcome = TrainOutcome("completed", state, total_steps, history=history)
 
     def run_eval() -> EvalResult:
-        result = evaluate(model, _eval_batches(eval_examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
+        result = evaluate(model, eval_batches(eval_examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
         record = {"step": state.step, **result.as_metrics()}
         history.append(record)
         log.write(record)
@@ -272,6 +273,7 @@ def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
     return [name for name, p in parameters if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
-def _eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: torch.device) -> Iterator[dict]:
+def eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: torch.device) -> Iterator[dict]:
+    """Batches in a fixed order (no shuffling), moved to ``device``."""
     for batch in batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=0, shuffle=False):
         yield {key: value.to(device) for key, value in batch.items()}

@@ -76,9 +76,10 @@ def test_same_config_twice_gives_identical_eval_loss(tmp_path, tiny_llama_dir, c
 def test_classification_trains_the_head_and_reports_accuracy(tmp_path, tiny_bert_dir, capsys):
     config = _config(tmp_path, tiny_bert_dir, _reviews(tmp_path / "reviews.csv"), task="classification")
     out = tmp_path / "cls"
-    assert _run(["run", str(config), "--out", str(out)], capsys)[0] == 0
+    assert _run(["run", str(config), "--out", str(out), "--set", "train.train_eval_size=8"], capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0 and "macro_f1" in summary["metrics"]
+    assert 0.0 <= summary["metrics"]["train_accuracy"] <= 1.0 and summary["metrics"]["train_eval_units"] == 8
     assert "perplexity" not in summary["metrics"]
 
 
