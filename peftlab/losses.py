@@ -29,10 +29,11 @@ IGNORE_INDEX = -100
 # plain full-logits path.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "smollm3"})
 
-# Logit elements per chunk of the fused head + cross-entropy: 2**22 fp32 = 16 MiB, 85 rows of a
-# 49k vocabulary. Measured by bench/levers.py: smaller chunks cost per-call overhead, larger ones
-# only cost memory (every chunk size gives the same loss).
-CHUNK_ELEMENTS = 2**22
+# Logit elements per chunk of the fused head + cross-entropy: 2**24 fp32 = 64 MiB, 341 rows of a
+# 49k vocabulary, so one chunk covers a typical batch's label tokens. Measured (bench/README.md):
+# chunks of ~64 rows make the head's matmuls ~30% slower; larger ones only cost memory (every
+# chunk size gives the same loss).
+CHUNK_ELEMENTS = 2**24
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
@@ -123,14 +124,15 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed CE of one chunk from fp32 logits [c, V]: logsumexp - the target's logit."""
-    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    """Summed CE of one chunk from fp32 logits [c, V]."""
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them.
 
-    Per chunk: logits = h @ W.T, softmax in place, minus one at the target = dL/dlogits, then
+    Per chunk: logits = h @ W.T, log-softmax (the loss), exp in place and minus one at the target
+    (= dL/dlogits: one pass fewer than autograd's log_softmax backward, and no [N, V] kept), then
     dL/dh = g @ W and (only when W trains) dL/dW += g.T @ h. Only [N, H] (and [V, H]) are kept.
     """
 
@@ -144,13 +146,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             chunk, chunk_targets = hidden[start:start + rows], targets[start:start + rows]
             raw = F.linear(chunk, weight)  # [c, V], bf16 under CUDA autocast
-            logits = raw.float()
-            total += _chunk_loss(logits, chunk_targets)
-            # dL/dlogits = softmax - one_hot(target), written over the fp32 logits in place.
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            grad = logits.sub_(lse).exp_()
+            log_probs = torch.log_softmax(raw.float(), dim=-1)  # [c, V] fp32
+            total -= log_probs.gather(1, chunk_targets[:, None]).sum()
+            # dL/dlogits = softmax - one_hot(target), written over log_probs in place.
+            grad = log_probs.exp_()
             grad.scatter_add_(1, chunk_targets[:, None], grad.new_full((grad.shape[0], 1), -1.0))
-            grad = grad.to(raw.dtype)  # as autograd would cast it back through .float()
+            grad = grad.to(raw.dtype)  # as autograd casts it back through .float()
             if need_hidden:
                 grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
             if need_weight:

@@ -1,0 +1,1 @@
+"""peftlab's benchmark against HF Trainer + peft (run_bench.py) and its speed levers (levers.py)."""

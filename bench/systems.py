@@ -1,0 +1,292 @@
+"""The three systems under test, each one LoRA fine-tune of the same examples, measured the same way.
+
+* ``peftlab``   : peftlab's own loop (methods.prepare + train.train), length-grouped dynamic padding.
+* ``hf_seeds``  : HF Trainer + peft, the seed studies' recipe: every example padded to max_length,
+                  batch 1, gradient accumulation 4, the default random sampler.
+* ``hf_tuned``  : HF Trainer + peft with the levers HF offers: padding to the longest in the batch,
+                  peftlab's batch size, ``train_sampling_strategy="group_by_length"``.
+
+All three get the same tokenized examples (peftlab.data, loss on response tokens only), the same
+hyperparameters, and are evaluated by the same function (peftlab.evaluate.evaluate, token-weighted)
+on the same eval batches, so the only differences are the system and the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from peftlab.config import DataConfig, MethodConfig, RankConfig, TrainConfig
+from peftlab.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
+from peftlab.evaluate import evaluate
+from peftlab.methods import prepare
+from peftlab.modelmap import build_model_map
+from peftlab.models import load_model, load_tokenizer
+from peftlab.params import count_params
+from peftlab.resources import peak_memory, reset_peak_memory
+from peftlab.tracking import MetricsLog
+import peftlab.train as peftlab_train
+from bench import prototypes
+
+SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
+PROTOTYPE_SYSTEMS = ("peftlab_proto",)  # peftlab with the changes bench recommends (bench/prototypes.py)
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Spec:
+    """One benchmark setting; every system reads the same one."""
+
+    model: str = "smollm2-135m"  # embedded alias or local dir
+    examples: int = 64  # training examples
+    eval_examples: int = 64
+    epochs: float = 1.0
+    batch_size: int = 4  # peftlab and hf_tuned (4 = the seeds' 1 x accumulation 4)
+    seeds_batch_size: int = 1  # hf_seeds: per-device batch 1 ...
+    seeds_grad_accum: int = 4  # ... accumulated over 4 (effective batch 4)
+    max_length: int = 256  # truncation for all; hf_seeds also pads every example to it
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 42
+    data_seed: int = 0  # the train/eval split (peftlab's DataConfig.seed)
+    device: str = "cpu"  # cpu | cuda (cuda: bf16 autocast for every system)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    proto_max_batch_tokens: int = 256  # peftlab_proto: padded tokens per batch at most
+
+
+def load_data(spec: Spec) -> tuple[TaskData, Any]:
+    tokenizer = load_tokenizer(spec.model)
+    cfg = DataConfig(source="chatterbot", train_size=spec.examples, eval_size=spec.eval_examples,
+                     max_length=spec.max_length, seed=spec.data_seed)
+    return load_task_data(cfg, "instruction", tokenizer), tokenizer
+
+
+def examples_digest(examples: list[dict]) -> str:
+    """A short hash of the tokenized examples: the results prove every system trained on the same."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_loss(model: nn.Module, data: TaskData, spec: Spec, pad_id: int, device: torch.device) -> float:
+    """The one eval: peftlab.evaluate (token-weighted) on the same unshuffled batches for every system."""
+    stream = ({k: v.to(device) for k, v in b.items()}
+              for b in batches(data.eval, spec.batch_size, pad_id=pad_id, seed=spec.seed, epoch=0, shuffle=False))
+    return evaluate(model, stream, "instruction", peftlab_train.autocast_for(device, "auto")).loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- peftlab --------------------------------------------------------------------------------------
+
+
+def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    from peftlab.resources import seed_everything
+
+    seed_everything(spec.seed)
+    model = load_model(spec.model, "instruction").model
+    method = MethodConfig(name="lora", placement="all_linear", ranks=RankConfig(r=spec.r), alpha=spec.alpha,
+                          dropout=spec.dropout, train_head=False)
+    prepared = prepare(model, method, build_model_map(model), train_head=False)
+    model.to(device)
+    cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, scheduler="cosine",
+                      warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
+                      device=device.type, num_samples=0, log_every=10**9)
+    counter = _PeftlabCounter()
+    with counter.installed():
+        reset_peak_memory(device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        outcome = peftlab_train.train(model, data.train, data.eval, "instruction", cfg, pad_id=tokenizer.pad_token_id,
+                                      device=device, log=MetricsLog(None, echo=False))
+        _sync(device)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        peak = peak_memory(device)
+    return {"train_seconds": wall - counter.eval_seconds, "train_cpu_seconds": cpu - counter.eval_cpu_seconds,
+            "loop_seconds": outcome.state.train_seconds, "eval_seconds": counter.eval_seconds, "tokens": outcome.state.train_tokens,
+            "padded_tokens": counter.padded_tokens, "steps": outcome.state.step, "status": outcome.status,
+            "trainable_params": prepared.trainable_params, "model": model, **peak}
+
+
+class _PeftlabCounter:
+    """Counts padded training tokens and times the loop's final evaluation, without changing either.
+
+    peftlab.train calls the module-level names ``batches`` and ``evaluate``; whatever they are when
+    installed (a prototype may have replaced ``batches``) is wrapped for the duration of the run.
+    Eval batches are the unshuffled ones.
+    """
+
+    def __init__(self) -> None:
+        self.padded_tokens, self.eval_seconds, self.eval_cpu_seconds = 0, 0.0, 0.0
+
+    def installed(self) -> "_patched":
+        inner_batches, inner_evaluate = peftlab_train.batches, peftlab_train.evaluate
+
+        def counted_batches(*args: Any, **kwargs: Any):
+            for batch in inner_batches(*args, **kwargs):
+                if kwargs.get("shuffle", True):
+                    self.padded_tokens += batch["input_ids"].numel()
+                yield batch
+
+        def timed_evaluate(*args: Any, **kwargs: Any):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            try:
+                return inner_evaluate(*args, **kwargs)
+            finally:
+                self.eval_seconds += time.perf_counter() - started
+                self.eval_cpu_seconds += time.process_time() - cpu_started
+
+        return _patched(peftlab_train, batches=counted_batches, evaluate=timed_evaluate)
+
+
+class _patched:
+    """Temporarily replace module attributes (restored on exit, also on error)."""
+
+    def __init__(self, module: Any, **replacements: Any) -> None:
+        self.module, self.replacements, self.saved = module, replacements, {}
+
+    def __enter__(self) -> None:
+        for name, value in self.replacements.items():
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+
+# --- HF Trainer + peft ----------------------------------------------------------------------------
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+class CountingCollator:
+    """Pads a batch (to ``pad_to`` or to its longest example) and counts real and padded tokens."""
+
+    def __init__(self, pad_id: int, pad_to: int | None = None) -> None:
+        self.pad_id, self.pad_to = pad_id, pad_to
+        self.tokens = self.padded_tokens = 0
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.pad_id)
+        if self.pad_to is not None:
+            batch = _pad_to(batch, self.pad_to, self.pad_id)
+        self.tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += batch["input_ids"].numel()
+        return batch
+
+
+def _pad_to(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad every [B, T] tensor to [B, width], as tokenizer(padding="max_length") does."""
+    extra = width - batch["input_ids"].shape[1]
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
+
+
+def hf_peft_model(spec: Spec) -> nn.Module:
+    """The seeds' model set-up: from_pretrained, then peft's get_peft_model with the study's LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(spec.seed)
+    base = load_model(spec.model, "instruction").model  # AutoModelForCausalLM.from_pretrained, fp32
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+                        target_modules=LLAMA_LINEARS, task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def hf_arguments(spec: Spec, out_dir: str, *, tuned: bool, device: torch.device) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type="cosine",
+        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        weight_decay=spec.weight_decay, max_grad_norm=1.0, seed=spec.seed,
+        per_device_train_batch_size=spec.batch_size if tuned else spec.seeds_batch_size,
+        gradient_accumulation_steps=1 if tuned else spec.seeds_grad_accum,
+        train_sampling_strategy="group_by_length" if tuned else "random",
+        bf16=device.type == "cuda", use_cpu=device.type == "cpu",
+        eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0)
+
+
+def run_hf(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device, *, tuned: bool) -> dict[str, Any]:
+    from transformers import Trainer
+
+    model = hf_peft_model(spec)
+    model.to(device)
+    collator = CountingCollator(tokenizer.pad_token_id, None if tuned else spec.max_length)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = Trainer(model=model, args=hf_arguments(spec, out_dir, tuned=tuned, device=device),
+                          train_dataset=_ListDataset(data.train), data_collator=collator)
+        reset_peak_memory(device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = trainer.train()
+        _sync(device)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        peak = peak_memory(device)
+    trainable, _ = count_params(model)
+    return {"train_seconds": wall, "train_cpu_seconds": cpu,
+            "loop_seconds": float(result.metrics.get("train_runtime", wall)),
+            "eval_seconds": 0.0, "tokens": collator.tokens, "padded_tokens": collator.padded_tokens,
+            "steps": int(result.global_step), "status": "completed", "trainable_params": trainable,
+            "model": model.get_base_model(), **peak}
+
+
+def run_peftlab_proto(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """peftlab with the recommended, not yet shipped, changes patched in (bench/prototypes.py)."""
+    with prototypes.recommended(data.train, spec.proto_max_batch_tokens):
+        return run_peftlab(spec, data, tokenizer, device)
+
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "peftlab": run_peftlab,
+    "peftlab_proto": run_peftlab_proto,
+    "hf_seeds": lambda *a: run_hf(*a, tuned=False),
+    "hf_tuned": lambda *a: run_hf(*a, tuned=True),
+}
+
+
+def run_system(system: str, spec: Spec) -> dict[str, Any]:
+    """Load the data, train ``system`` once on a fresh model, evaluate it; a JSON-ready record."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    data, tokenizer = load_data(spec)
+    record = RUNNERS[system](spec, data, tokenizer, device)
+    model = record.pop("model")
+    started = time.perf_counter()
+    record["eval_loss"] = eval_loss(model, data, spec, tokenizer.pad_token_id, device)
+    record["bench_eval_seconds"] = time.perf_counter() - started
+    record["base_params"] = _base_params(model)
+    record.update(system=system, train_examples=len(data.train), eval_examples=len(data.eval),
+                  train_digest=examples_digest(data.train), eval_digest=examples_digest(data.eval),
+                  threads=torch.get_num_threads(), spec=asdict(spec))
+    record["tokens_per_s"] = record["tokens"] / record["train_seconds"]
+    return record
+
+
+def _base_params(model: nn.Module) -> int:
+    """Parameters of the frozen base model (tied weights once), LoRA parameters excluded."""
+    seen = {id(p): p.numel() for name, p in model.named_parameters() if "lora_" not in name}
+    return sum(seen.values())

@@ -1,0 +1,188 @@
+"""The benchmark harness end to end on a tiny model, and loss equality with and without every speed lever.
+
+Seconds on a CPU; nothing here asserts on speed (speed is measured by bench/, never by a test).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where bench/ lives
+
+from bench import levers, prototypes, run_bench  # noqa: E402
+from peftlab.data import batch_indices  # noqa: E402
+from peftlab.config import MethodConfig, RankConfig  # noqa: E402
+from peftlab.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
+from peftlab.methods import prepare  # noqa: E402
+from peftlab.modelmap import build_model_map  # noqa: E402
+
+from conftest import tiny_gpt2, tiny_llama  # noqa: E402
+
+pytest.importorskip("peft")
+
+
+# --- the harness ----------------------------------------------------------------------------------
+
+
+def _bench(tiny_llama_dir, out, *extra):
+    return run_bench.main(["--model", str(tiny_llama_dir), "--examples", "6", "--eval-examples", "3",
+                           "--batch-size", "2", "--reps", "1", "--threads", "1", "--gemm-sizes", "64",
+                           "--out", str(out), *extra])
+
+
+def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp_path):
+    results = _bench(tiny_llama_dir, tmp_path, "--in-process", "--systems", "peftlab,hf_seeds,hf_tuned,peftlab_proto")
+    written = list(tmp_path.glob("*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".md").is_file()
+    saved = json.loads(written[0].read_text())
+    assert saved["summary"].keys() == {"peftlab", "hf_seeds", "hf_tuned", "peftlab_proto"}
+    assert saved["machine"]["cpu"] and saved["machine"]["cores"] >= 1 and saved["machine"]["torch"]
+    assert saved["gemm"]["peak_flops"] > 0 and saved["same_data_for_all"]
+    rows = saved["summary"]
+    for row in rows.values():
+        assert row["tokens_per_s_median"] > 0 and row["train_seconds_median"] > 0
+        assert row["peak_memory_mb_median"] > 0 and 0 < row["mfu_median"] < 1
+        assert math.isfinite(row["eval_loss_median"]) and row["eval_loss_median"] > 0
+        assert row["statuses"] == ["completed"]
+    # Same examples, one epoch each: the same non-padding tokens; only the padding differs.
+    assert len({row["tokens"] for row in rows.values()}) == 1
+    assert rows["hf_seeds"]["padded_tokens"] == 6 * 256
+    assert rows["hf_seeds"]["padding_fraction_median"] > rows["hf_tuned"]["padding_fraction_median"]
+    # The same LoRA (r=16 on all seven projections of both layers) in peftlab and in peft.
+    assert len({row["trainable_params"] for row in rows.values()}) == 1
+    q_k_v_o_gate_up_down = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]  # (in, out)
+    assert rows["peftlab"]["trainable_params"] == 2 * 16 * sum(i + o for i, o in q_k_v_o_gate_up_down)
+    assert saved["ratios"]["peftlab/hf_seeds"]["target_tokens_per_s"] == 3.0
+    assert saved["ratios"]["peftlab/hf_tuned"]["target_tokens_per_s"] == 1.3
+    assert set(saved["ratios"]) == {f"{a}/{b}" for a in ("peftlab", "peftlab_proto") for b in ("hf_seeds", "hf_tuned")}
+    # The prototype's batches hold at most 256 padded positions (the tiny tokenizer's examples are long).
+    assert rows["peftlab_proto"]["padded_tokens"] <= rows["peftlab"]["padded_tokens"]
+    assert "| peftlab |" in written[0].with_suffix(".md").read_text()
+    assert results["summary"] == saved["summary"]
+
+
+def test_benchmark_default_mode_runs_each_system_in_a_fresh_process(tiny_llama_dir, tmp_path):
+    results = _bench(tiny_llama_dir, tmp_path, "--systems", "peftlab")
+    assert results["settings"]["isolated"] and results["runs"][0]["system"] == "peftlab"
+    assert results["runs"][0]["tokens"] > 0 and results["ratios"] == {}
+
+
+# --- the token-capped batching prototype -------------------------------------------------------------
+
+
+def test_token_capped_batches_cover_every_example_once_within_the_cap():
+    lengths = [5, 40, 7, 33, 12, 60, 9, 9, 21, 3, 80, 14]
+    for shuffle in (True, False):
+        groups = prototypes.token_capped_indices(lengths, 4, 64, seed=0, epoch=1, shuffle=shuffle)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for group in groups:
+            assert len(group) <= 4
+            assert len(group) * max(lengths[i] for i in group) <= 64 or len(group) == 1
+    assert prototypes.token_capped_indices(lengths, 4, 10**6, seed=0, epoch=1) == \
+        batch_indices(lengths, 4, seed=0, epoch=1)  # a cap never reached changes nothing
+
+
+# --- levers: each must leave the loss and gradients unchanged (float noise) -------------------------
+
+
+def _batch(vocab: int = 100):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (3, 14), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :6] = -100  # prompt
+    labels[2, 10:] = -100  # padding
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 10:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("chunk_rows", [1, 5, None])
+def test_fused_chunked_cross_entropy_equals_full_logits_loss_and_gradients(build, chunk_rows, monkeypatch):
+    # Full fine-tuning: the tied head/embedding weight takes the fused path's weight gradient too.
+    fused_model, plain_model = build(), build()  # eval mode: no dropout in the base model, grads still on
+    if chunk_rows is not None:
+        monkeypatch.setattr("peftlab.losses.CHUNK_ELEMENTS", chunk_rows * 100)  # vocab 100 -> chunk_rows rows
+    batch = _batch()
+    fused, fused_units = loss_sum(fused_model, batch, "instruction")
+    plain, plain_units = full_logits_loss_sum(plain_model, batch)
+    fused.backward()
+    plain.backward()
+    assert fused_units == plain_units
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    fused_grads, plain_grads = _grads(fused_model), _grads(plain_model)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_cross_entropy_without_grad_equals_plain():
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    plain = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+    with torch.no_grad():
+        for rows in (1, 8, 100):
+            torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, targets, rows), plain)
+
+
+def test_fused_cross_entropy_under_bf16_autocast_matches_the_unfused_path():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 50, (20,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy_sum(hidden, weight, targets, 7)
+        (fused_grad,) = torch.autograd.grad(fused, hidden)
+        plain = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+        (plain_grad,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=2e-2, atol=2e-2)
+
+
+def _lora_llama():
+    model = tiny_llama()
+    torch.manual_seed(1)
+    prepare(model, MethodConfig(name="lora", ranks=RankConfig(r=4), alpha=8, dropout=0.1, train_head=False),
+            build_model_map(model), train_head=False)
+    with torch.no_grad():  # B starts at zero; a trained-looking B makes the update (and its test) non-trivial
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("lever", [name for name in levers.LEVERS if name != "baseline"])
+def test_every_lever_leaves_loss_and_gradients_unchanged(lever):
+    model, batch = _lora_llama(), _batch()
+    with levers.LEVERS["baseline"][1](model):
+        reference = levers.loss_and_grads(model, batch)
+    with levers.LEVERS[lever][1](model):
+        changed = levers.loss_and_grads(model, batch)
+    difference = levers.max_difference(reference, changed)
+    assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
+
+
+def test_lora_addmm_forward_equals_the_plain_forward_in_training_with_dropout():
+    model, batch = _lora_llama(), _batch()
+    outputs = []
+    for forward in (levers._ORIGINAL_LORA_FORWARD, levers.lora_forward_addmm):
+        with levers._attribute(levers.LoRALinear, "forward", forward):
+            torch.manual_seed(3)  # the same dropout masks
+            model.train()
+            total, _ = loss_sum(model, batch, "instruction")
+            total.backward()
+            outputs.append((total.detach(), _grads(model)))
+            model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
