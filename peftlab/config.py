@@ -133,6 +133,10 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
+    # Split a batch whose padded size (rows x longest) exceeds this many tokens into pieces run one
+    # after another in the same optimizer step: the update is the same (up to float rounding and
+    # dropout draws), peak activation memory is bounded and pieces carry less padding. None: no split.
+    max_batch_tokens: int | None = None
     lr: float = 2e-4
     lora_plus_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): lr(B) = ratio * lr(A)
     scheduler: str = "cosine"  # cosine | linear | constant
@@ -154,6 +158,7 @@ class TrainConfig:
         _require(self.epochs > 0, "train.epochs must be > 0")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
         _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 8, "train.max_batch_tokens must be >= 8")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "train.lora_plus_ratio must be > 0")
         _require(self.scheduler in SCHEDULERS, _choice_message("train.scheduler", self.scheduler, SCHEDULERS))

@@ -407,3 +407,31 @@ def batches(examples: Sequence[dict], batch_size: int, *, pad_id: int, seed: int
     lengths = [len(e["input_ids"]) for e in examples]
     for indices in batch_indices(lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
         yield collate([examples[i] for i in indices], pad_id)
+
+
+def split_by_tokens(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """Cut a right-padded batch into pieces of at most ``max_tokens`` padded tokens (rows x longest).
+
+    Rows go longest first; each piece is trimmed to its own longest row, so it also carries less
+    padding. A row longer than ``max_tokens`` gets a piece of its own. Every row lands in exactly
+    one piece, so summing a per-token loss over the pieces gives the batch's sum.
+    """
+    lengths = batch["attention_mask"].sum(dim=1)
+    if max_tokens is None or len(lengths) * int(lengths.max()) <= max_tokens:
+        return [batch]
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    pieces, start = [], 0
+    while start < len(order):
+        width = int(lengths[order[start]])  # the longest row left sets this piece's width
+        rows = max(1, max_tokens // width)
+        chosen = torch.tensor(order[start:start + rows])
+        pieces.append({key: _take(value, chosen, width) for key, value in batch.items()})
+        start += rows
+    return pieces
+
+
+def _take(value: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of a batch field, trimmed to ``width`` positions when it is per-token ([B, T])."""
+    picked = value.index_select(0, rows)
+    return picked[:, :width].contiguous() if picked.dim() == 2 else picked
+

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from .config import config_to_dict
 from .errors import UserError
+from .stopping import GracefulStop
 from .sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
 
 Progress = Callable[[str], None]
@@ -115,11 +116,15 @@ def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Pr
     """Trials one after another in this process, sharing one base-model cache."""
     cache = process_model_cache()
     summaries = []
-    for index, (trial, resumed) in enumerate(todo, 1):
-        progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
-        summary = run_trial(trial, echo=echo, model_cache=cache)
-        progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
-        summaries.append(summary)
+    with GracefulStop() as stop:  # a signal outside a run's training loop stops the sweep before the next run
+        for index, (trial, resumed) in enumerate(todo, 1):
+            if stop.requested:
+                progress(f"stopped before run {index} of {len(todo)}; rerun with --resume to continue")
+                raise KeyboardInterrupt
+            progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
+            summary = run_trial(trial, echo=echo, model_cache=cache)
+            progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
+            summaries.append(summary)
     return summaries
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +22,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import batches, num_batches
+from .data import batches, num_batches, split_by_tokens
 from .evaluate import EvalResult, evaluate
 from .losses import loss_sum
+from .stopping import GracefulStop
 from .tracking import MetricsLog
 
 
@@ -57,33 +56,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, step: int):
         super().__init__(f"interrupted after step {step}; checkpoint saved")
         self.step = step
-
-
-class _StopAtStepBoundary:
-    """The first SIGINT/SIGTERM asks training to stop after the current step; a second one kills.
-
-    Stopping between steps keeps the weights, optimizer, scheduler and data position consistent,
-    so the checkpoint written on the way out resumes exactly.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopAtStepBoundary":
-        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -192,8 +164,10 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, leave=False)
     try:
-        with _StopAtStepBoundary() as stop:
+        with GracefulStop() as stop:
             while state.step < total_steps:
+                if stop.requested:  # checked before each step: also catches a signal sent while the model loaded
+                    _stop_here(state.step, checkpoint, log)
                 record = _timed_step(model, parameters, optimizer, scheduler, stream, state, task, cfg, device)
                 history.append(record)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
@@ -204,10 +178,6 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                     run_eval()
                 if cfg.save_every and state.step % cfg.save_every == 0:
                     checkpoint()
-                if stop.requested:
-                    checkpoint()
-                    log.message(f"interrupted after step {state.step}; rerun with --resume to continue")
-                    raise Interrupted(state.step)
                 if on_step is not None:
                     on_step(state.step)
     except Diverged as error:
@@ -219,6 +189,12 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         bar.close()
     outcome.final_eval = run_eval()
     return outcome
+
+
+def _stop_here(step: int, checkpoint: Callable[[], None], log: MetricsLog) -> None:
+    checkpoint()
+    log.message(f"interrupted after step {step}; rerun with --resume to continue")
+    raise Interrupted(step)
 
 
 def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
@@ -242,7 +218,8 @@ def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]]
     micro = []
     for _ in range(cfg.grad_accum):
         state.epoch, state.batch_in_epoch, batch = next(stream)
-        micro.append({key: value.to(device, non_blocking=True) for key, value in batch.items()})
+        for piece in split_by_tokens(batch, cfg.max_batch_tokens):
+            micro.append({key: value.to(device, non_blocking=True) for key, value in piece.items()})
     # Normalise by the label units of the whole step, so accumulation is exactly token-weighted.
     units = sum(_label_units(batch, task) for batch in micro)
     total_loss = 0.0

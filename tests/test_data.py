@@ -15,7 +15,7 @@ from peftlab import data
 from peftlab.config import DataConfig
 from peftlab.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batch_indices, batches,
                           causal_chunks, collate, encode_prompt, encode_response, format_prompt,
-                          instruction_example, label_mapping, load_task_data, num_batches)
+                          instruction_example, label_mapping, load_task_data, num_batches, split_by_tokens)
 from peftlab.errors import UserError
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
@@ -397,3 +397,29 @@ def test_rotten_tomatoes_classification_data(tok):
 def test_hamlet_causal_lm_data(tok):
     task = load_task_data(DataConfig(source="hamlet", eval_size=10, chunk_length=64), "causal_lm", tok)
     assert len(task.eval) == 10 and len(task.train) > 100
+
+
+@pytest.mark.parametrize("cap", [8, 20, 33, 1000])
+def test_split_by_tokens_keeps_every_row_once_within_the_cap(cap):
+    lengths = [17, 3, 9, 12, 5, 17, 1]
+    examples = [{"input_ids": list(range(1, n + 1)), "labels": [-100] + list(range(2, n + 1))} for n in lengths]
+    batch = collate(examples, pad_id=0)
+    pieces = split_by_tokens(batch, cap)
+    seen = sorted(tuple(row[row != 0].tolist()) for p in pieces for row in p["input_ids"])
+    assert seen == sorted(tuple(range(1, n + 1)) for n in lengths)  # no row lost, doubled or cut
+    for piece in pieces:
+        rows, width = piece["input_ids"].shape
+        assert rows * width <= cap or rows == 1
+        assert int(piece["attention_mask"].sum(1).max()) == width  # trimmed to its own longest row
+        assert piece["labels"].shape == piece["input_ids"].shape
+    total_labels = sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pieces)
+    assert total_labels == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert (len(pieces) == 1) == (cap >= len(lengths) * max(lengths))
+
+
+def test_split_by_tokens_carries_classification_labels_with_their_rows():
+    examples = [{"input_ids": [5] * n, "label": n % 3} for n in (4, 9, 2, 7)]
+    pieces = split_by_tokens(collate(examples, pad_id=0), 10)
+    pairs = sorted((int(p["attention_mask"][i].sum()), int(p["label"][i])) for p in pieces for i in range(len(p["label"])))
+    assert pairs == sorted((n, n % 3) for n in (4, 9, 2, 7))
+

@@ -189,7 +189,7 @@ class FakeRunner:
     def __init__(self, interrupt_at=None):
         self.calls, self.interrupt_at = [], interrupt_at
 
-    def __call__(self, config, out_dir, *, resume=False, echo=True, on_step=None):
+    def __call__(self, config, out_dir, *, resume=False, echo=True, on_step=None, model_cache=None):
         out_dir = Path(out_dir)
         self.calls.append(out_dir.name)
         if self.interrupt_at == out_dir.name:
@@ -417,3 +417,29 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, tiny_llama_dir):
     steps = [json.loads(line)["step"] for line in (long_dir / "metrics.jsonl").read_text().splitlines()
              if "train_loss" in json.loads(line)]
     assert steps == list(range(1, 401))  # no step lost, none logged twice
+
+
+def test_signal_between_training_loops_stops_the_sweep_before_the_next_run(tmp_path, monkeypatch):
+    """A SIGTERM that lands while a run loads or evaluates (no training loop active) is not lost."""
+    import signal
+
+    spec = _spec(strategies={"a": {}}, seeds=[1, 2, 3])
+    ids = [t.run_id for t in expand(spec, tmp_path)]
+    runner = FakeRunner()
+
+    def runner_that_gets_killed(config, out_dir, **kwargs):
+        summary = runner(config, out_dir, **kwargs)
+        if out_dir.name == ids[0]:
+            # The process survives: the first signal only asks to stop.
+            signal.raise_signal(signal.SIGTERM)
+        return summary
+
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner_that_gets_killed)
+    messages, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        executors.run_sweep(spec, tmp_path, progress=messages.append)
+    assert runner.calls == ids[:1] and "rerun with --resume" in messages[-1]
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after the sweep
+    runner.calls.clear()
+    executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
+    assert runner.calls == ids[1:]

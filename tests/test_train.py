@@ -128,7 +128,6 @@ def test_scheduler_warms_up_then_decays_to_zero():
 
 
 def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp_path):
-    import os
     import signal
 
     from peftlab.train import Interrupted
@@ -138,10 +137,42 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp_p
 
     def press_ctrl_c(step: int) -> None:
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(Interrupted) as stopped:
         _train(_lora_model(), cfg, tmp_path / "stopped", on_step=press_ctrl_c)
-    assert stopped.value.step == 3  # the step under way when the signal came was completed and saved
+    assert stopped.value.step == 2  # the signal came after step 2: no further step starts, step 2 is saved
     resumed = _train(_lora_model(), cfg, tmp_path / "stopped", resume=True)
     assert resumed.final_eval.loss == reference.final_eval.loss
+
+
+def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
+    import signal
+
+    from peftlab.stopping import GracefulStop
+    from peftlab.train import Interrupted
+
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, seed=2, save_every=None)
+    with GracefulStop() as sweep_scope:  # e.g. a sweep, whose run was still loading its model
+        signal.raise_signal(signal.SIGINT)
+        assert sweep_scope.requested
+        with pytest.raises(Interrupted) as stopped:
+            _train(_lora_model(), cfg, tmp_path / "run")
+    assert stopped.value.step == 0
+    assert not GracefulStop().requested  # cleared when the outermost scope ends
+    assert _train(_lora_model(), cfg, tmp_path / "again").final_eval is not None
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum):
+    """Pieces of one batch are summed in the same optimizer step: same losses and weights as unsplit."""
+    plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None)
+    split = TrainConfig(**{**plain.__dict__, "max_batch_tokens": 20})  # 6 rows of up to 16 tokens: 5+ pieces
+    a_model, b_model = _lora_model(dropout=0.0), _lora_model(dropout=0.0)
+    a, b = _train(a_model, plain), _train(b_model, split)
+    assert [r["train_loss"] for r in a.history if "train_loss" in r] == pytest.approx(
+        [r["train_loss"] for r in b.history if "train_loss" in r], rel=1e-5)
+    assert a.state.train_tokens == b.state.train_tokens
+    for (name, p), (_, q) in zip(_trainable_state(a_model).items(), _trainable_state(b_model).items()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert b.final_eval.loss == pytest.approx(a.final_eval.loss, rel=1e-5)
