@@ -9,9 +9,7 @@ base64 PNG). Every file is written atomically.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import os
@@ -22,15 +20,17 @@ from typing import Any
 
 from . import figures
 from .errors import UserError
+from .render import Block, render_html, render_markdown
 from .stats import GroupStats, Stat, aggregate, group_label, separation_warnings
 from .sweep import SWEEP_FILE, TRIAL_FILE
 
 SMALL_EVAL = 100  # fewer eval examples than this cannot separate close strategies
-METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_loss")
+METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss")
 RESOURCE_KEYS = ("train_seconds", "tokens_per_s", "peak_memory_mb", "memory_kind", "adapter_bytes", "steps",
                  "total_steps", "train_tokens")
-AGGREGATED = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_loss", "trainable_params",
-              "percent_trainable", "train_seconds", "tokens_per_s", "peak_memory_mb", "adapter_bytes")
+AGGREGATED = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss",
+              "trainable_params", "percent_trainable", "train_seconds", "tokens_per_s", "peak_memory_mb",
+              "adapter_bytes")
 
 
 @dataclass
@@ -114,6 +114,8 @@ def result_row(run: RunRecord) -> dict[str, Any]:
     row.update({key: resources.get(key) for key in RESOURCE_KEYS})
     data = s.get("data") or {}
     row.update({"train_examples": data.get("train_examples"), "eval_examples": data.get("eval_examples"),
+                "eval_majority_label": data.get("eval_majority_label"),
+                "eval_majority_accuracy": data.get("eval_majority_accuracy"),
                 "started": s.get("started"), "wall_seconds": s.get("wall_seconds")})
     return row
 
@@ -264,7 +266,6 @@ def _figures(analysis: Analysis, folder: Path) -> list[tuple[Path, str]]:
 
 
 # The document: ("h1"|"h2"|"p", text) | ("ul", [text]) | ("table", headers, rows) | ("img", path, caption)
-Block = tuple
 
 
 def document(analysis: Analysis, figure_paths: list[tuple[Path, str]], directory: Path) -> list[Block]:
@@ -285,9 +286,13 @@ def document(analysis: Analysis, figure_paths: list[tuple[Path, str]], directory
 
 def setup_blocks(a: Analysis) -> list[Block]:
     """What was compared, on what, for how long: enough for a reader who never saw the config."""
-    first = next((r.summary for r in a.runs if r.summary and r.summary.get("config")), {}) or {}
-    config = first.get("config") or {}
-    train, data = config.get("train") or {}, config.get("data") or {}
+    configs = [r.summary["config"] for r in a.runs if r.summary and r.summary.get("config")] or [{}]
+    config = configs[0]
+    data = config.get("data") or {}
+    # A setting a strategy or grid overrides differs between runs: say so rather than show run 1's value.
+    train = {key: _shared([(c.get("train") or {}).get(key) for c in configs])
+             for key in ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio",
+                         "weight_decay")}
     seeds = sorted({r.seed for r in a.runs if r.seed is not None})
     length = f"{train.get('max_steps')} optimizer steps" if train.get("max_steps") else f"{train.get('epochs')} epochs"
     eval_sizes = sorted({r["eval_examples"] for r in a.rows if r.get("eval_examples")})
@@ -312,12 +317,39 @@ def setup_blocks(a: Analysis) -> list[Block]:
     return blocks
 
 
+def majority_class_warnings(a: Analysis) -> list[str]:
+    """Name the strategies a constant answer (the eval set's most frequent class) does as well as."""
+    floors = {r["eval_majority_accuracy"] for r in a.rows if r.get("eval_majority_accuracy") is not None}
+    if a.quality != "accuracy" or len(floors) != 1:
+        return []
+    floor = floors.pop()
+    label = next((r["eval_majority_label"] for r in a.rows if r.get("eval_majority_label")), None)
+    named = f" ({label!r})" if label else ""
+    line = (f"Always answering the eval set's most frequent class{named} scores accuracy {floor:.4g}: that is the "
+            "floor a classifier must beat, not 1 / the number of classes.")
+    stuck = [g.label for g in a.groups
+             if (stat := g.stats.get("accuracy")) is not None and (stat.ci_low if stat.ci_low is not None
+                                                                     else stat.mean) <= floor]
+    if stuck:
+        line += (f" {', '.join(stuck)}: accuracy not above it (95% interval reaches it), so this data does not show "
+                 "that they learned more than the class balance (answering one class for everything gives a macro_f1 "
+                 "of at most 1 / the number of classes).")
+    return [line]
+
+
+def _shared(values: list[Any]) -> Any:
+    """The one value every run used, or "per strategy" where runs differ."""
+    distinct = {json.dumps(v, sort_keys=True, default=str) for v in values}
+    return values[0] if len(distinct) == 1 else "per strategy"
+
+
 def warning_lines(a: Analysis) -> list[str]:
     lines = []
     excluded = [r for r in a.runs if r.status != "completed"]
     for run in excluded:
         lines.append(f"{run.run_id} is {run.status} and is excluded from every mean: {run.reason}")
     lines += separation_warnings(a.groups, a.quality)
+    lines += majority_class_warnings(a)
     eval_sizes = sorted({r["eval_examples"] for r in a.rows if r.get("eval_examples")})
     if eval_sizes and min(eval_sizes) < SMALL_EVAL:
         lines.append(f"Runs were evaluated on only {min(eval_sizes)} examples (fewer than {SMALL_EVAL}): small "
@@ -336,7 +368,8 @@ def warning_lines(a: Analysis) -> list[str]:
 
 
 def summary_table(a: Analysis) -> Block:
-    extra = [m for m in ("eval_loss", "perplexity") if m != a.quality and any(m in g.stats for g in a.groups)]
+    extra = [m for m in ("eval_loss", "perplexity", "macro_f1", "train_accuracy")
+             if m != a.quality and any(m in g.stats for g in a.groups)]
     headers = ["strategy", "n", f"{a.quality}", f"{a.quality} vs {a.baseline}", *extra, "trainable params",
                "% trainable", "param reduction", "loss increase per M params saved", "train time (s)",
                "peak memory (MiB)", "Pareto (params / time)"]
@@ -379,60 +412,6 @@ def _pct(value: float | None) -> str:
 
 def _num(value: Any, form: str) -> str:
     return "-" if not isinstance(value, (int, float)) else form.format(value)
-
-
-def render_markdown(blocks: list[Block]) -> str:
-    out = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h1":
-            out.append(f"# {block[1]}\n")
-        elif kind == "h2":
-            out.append(f"## {block[1]}\n")
-        elif kind == "p":
-            out.append(f"{block[1]}\n")
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in block[1]) + "\n")
-        elif kind == "table":
-            headers, rows = block[1], block[2]
-            lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-            out.append("\n".join(lines) + "\n")
-        elif kind == "img":
-            out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*\n")
-    return "\n".join(out)
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%;border:1px solid #eee}figcaption{font-style:italic;color:#555}")
-
-
-def render_html(blocks: list[Block], directory: Path, title: str) -> str:
-    """Self-contained HTML: figures inlined as base64 PNG, no external file or network access."""
-    e = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
-           "</head><body>"]
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{e(block[1])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{e(block[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{e(str(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((directory / block[1]).read_bytes()).decode()
-            out.append(f"<figure><img alt='{e(block[2])}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{e(block[2])}</figcaption></figure>")
-    out.append(f"<p><small>generated {e(time.strftime('%Y-%m-%d %H:%M:%S'))} by peftlab report</small></p>")
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 def fmt_stat(stat: Stat | None, digits: int = 4) -> str:

@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepare
                       "total_steps": outcome.total_steps, "adapter_bytes": artifacts["bytes"],
                       **peak_memory(device)},
         "divergence": outcome.divergence,
-        "data": {"train_examples": len(data.train), "eval_examples": len(data.eval)},
+        "data": {"train_examples": len(data.train), "eval_examples": len(data.eval),
+                 **majority_class(data.eval, data.label_names)},
         "placement": [{"module": t.name, "layer": t.layer, "role": t.role,
                        "slices": list(t.slices) if t.slices else None,
                        "rank": prepared.ranks.get(t.name)} for t in prepared.targets],
@@ -208,6 +210,16 @@ def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepare
         "wall_seconds": time.time() - started,
         "config": config_to_dict(config),
     }
+
+
+def majority_class(examples: list[dict], label_names: list[str] | None) -> dict[str, Any]:
+    """The accuracy of always answering the eval set's most frequent class: the floor a classifier must beat."""
+    if not examples or "label" not in examples[0]:
+        return {}
+    counts = Counter(int(e["label"]) for e in examples)
+    label, count = counts.most_common(1)[0]
+    name = label_names[label] if label_names and label < len(label_names) else str(label)
+    return {"eval_majority_label": name, "eval_majority_accuracy": count / len(examples)}
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -207,3 +207,27 @@ def test_grid_groups_compare_to_the_baseline_at_the_same_grid_point(tmp_path):
     assert rows["other [r=8]"]["method.ranks.r"] == "8"
     assert float(rows["other [r=8]"]["eval_loss_change_pct"]) == pytest.approx(100 * 0.5 / 2.015)
     assert float(rows["other [r=4]"]["eval_loss_change_pct"]) == pytest.approx(100 * 0.3 / 3.015)
+
+
+def test_classification_report_names_the_majority_class_floor_and_shows_f1(tmp_path):
+    """Seed 001's trap: 64% accuracy on an eval set that is 64% one class is no learning at all."""
+    root = tmp_path / "cls"
+    accuracies = {"stuck": (0.64, 0.64, 0.64), "learns": (0.80, 0.82, 0.81)}
+    for index, (strategy, values) in enumerate(accuracies.items()):
+        for seed, accuracy in zip((1, 2, 3), values):
+            folder = _write_run(root, f"{strategy}__seed{seed}", strategy, index, seed, loss=0.6)
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["task"] = "classification"
+            summary["metrics"].update(accuracy=accuracy, macro_f1=0.39 if strategy == "stuck" else 0.8,
+                                      train_accuracy=accuracy)
+            summary["data"].update(eval_majority_label="fresh", eval_majority_accuracy=0.64)
+            (folder / "summary.json").write_text(json.dumps(summary))
+    make_report(root)
+    text = (root / "report.md").read_text()
+    assert "Always answering the eval set's most frequent class ('fresh') scores accuracy 0.64" in text
+    floor_line = next(line for line in text.splitlines() if "most frequent class" in line)
+    assert "stuck: accuracy not above it" in floor_line and "learns" not in floor_line
+    header = next(line for line in text.splitlines() if line.startswith("| strategy | n | accuracy"))
+    assert "macro_f1" in header and "train_accuracy" in header
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert {r["eval_majority_accuracy"] for r in rows} == {"0.64"}
