@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import statistics
 import sys
@@ -144,6 +146,18 @@ LEVERS: dict[str, tuple[str, Lever]] = {
 # --- measuring ------------------------------------------------------------------------------------
 
 
+def fresh_peak() -> None:
+    """Reset the RSS high-water mark after handing freed heap pages back to the OS.
+
+    In one process, glibc keeps the pages of freed tensors, so without malloc_trim the next peak
+    would start from the previous variant's high-water mark and differences would not show.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_memory(torch.device("cpu"))
+
+
 def build(spec: Spec, n_batches: int) -> tuple[nn.Module, list[dict], TaskData, TrainConfig, int]:
     """peftlab's LoRA model as the benchmark prepares it, fixed train batches, the data, the pad id."""
     data, tokenizer = load_data(spec)
@@ -199,7 +213,7 @@ def measure_levers(model: nn.Module, train_batches: list[dict], cfg: TrainConfig
     for round_index in range(rounds):
         for name in names:
             with LEVERS[name][1](model):
-                reset_peak_memory(torch.device("cpu"))
+                fresh_peak()
                 seconds, tokens = timed_steps(model, optimizer, train_batches, cfg)
                 peak = peak_memory(torch.device("cpu"))["peak_memory_mb"]
             samples[name].append({"seconds": seconds, "tokens": tokens, "peak_memory_mb": peak})
@@ -233,7 +247,7 @@ def measure_all_labelled(model: nn.Module, train_batches: list[dict], cfg: Train
     for _ in range(rounds):
         for name in samples:
             with LEVERS[name][1](model):
-                reset_peak_memory(torch.device("cpu"))
+                fresh_peak()
                 seconds, tokens = timed_steps(model, optimizer, labelled, cfg)
                 samples[name].append((tokens / seconds, peak_memory(torch.device("cpu"))["peak_memory_mb"]))
     rate = {n: statistics.median(r for r, _ in v) for n, v in samples.items()}

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `peftlab` imp
 import torch  # noqa: E402
 
 from bench import machine  # noqa: E402
-from bench.systems import PROTOTYPE_SYSTEMS, SYSTEMS, Spec, run_system  # noqa: E402
+from bench.systems import SYSTEMS, Spec, run_system  # noqa: E402
 
 TARGETS = {"hf_seeds": 3.0, "hf_tuned": 1.3}  # issue 5: peftlab's non-padding tokens/s over each peer
 # Eval loss "no worse" allows this much: the seed-to-seed spread of the eval loss of one system in
@@ -53,12 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="eval loss counts as no worse up to this much above the peer's")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every system")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma list of {', '.join(SYSTEMS + PROTOTYPE_SYSTEMS)} (peftlab_proto: peftlab "
-                             "with bench's recommended, unshipped changes patched in)")
+                        help=f"comma list of {', '.join(SYSTEMS)}")
     # 256 = the positions of one of the seeds' padded micro-batches (1 x 256): no forward pass of
-    # peftlab_proto is wider than the seeds' recipe's.
-    parser.add_argument("--proto-max-batch-tokens", type=int, default=256,
-                        help="peftlab_proto: at most this many padded tokens per batch")
+    # peftlab is wider than the seeds' recipe's.
+    parser.add_argument("--max-batch-tokens", type=int, default=256,
+                        help="peftlab's train.max_batch_tokens (0: batches are not split)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -69,9 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.systems.split(",")) - set(SYSTEMS + PROTOTYPE_SYSTEMS)
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
-        parser.error(f"unknown systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS + PROTOTYPE_SYSTEMS)}")
+        parser.error(f"unknown systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
     return args
 
 
@@ -79,7 +78,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return Spec(model=args.model, examples=args.examples, eval_examples=args.eval_examples, epochs=args.epochs,
                 batch_size=args.batch_size, seed=args.seed, device=device, threads=args.threads,
-                proto_max_batch_tokens=args.proto_max_batch_tokens)
+                max_batch_tokens=args.max_batch_tokens or None)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,7 +171,7 @@ def summarise(runs: list[dict], systems: list[str], spec: Spec, info: dict, gemm
 def args_as_list(args: argparse.Namespace) -> list[str]:
     shown = []
     for key in ("model", "examples", "eval_examples", "epochs", "batch_size", "reps", "seed", "device", "threads",
-                "systems", "proto_max_batch_tokens"):
+                "systems", "max_batch_tokens"):
         shown += [f"--{key.replace('_', '-')}", str(getattr(args, key))] if getattr(args, key) is not None else []
     return shown
 
@@ -239,9 +238,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| system | recipe | tokens/s (non-pad) | train s | peak memory MB | eval loss | padding | MFU | trainable |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    recipes = {"peftlab": f"batch {s['batch_size']}, length-grouped, dynamic padding",
-               "peftlab_proto": f"as peftlab, batches also <= {s['proto_max_batch_tokens']} padded tokens "
-                                "(prototype, not shipped)",
+    split = f", split into pieces of <= {s['max_batch_tokens']} padded tokens" if s.get("max_batch_tokens") else ""
+    recipes = {"peftlab": f"batch {s['batch_size']}, length-grouped, dynamic padding{split}",
                "hf_seeds": f"batch {s['seeds_batch_size']} x accum {s['seeds_grad_accum']}, padded to {s['max_length']}",
                "hf_tuned": f"batch {s['batch_size']}, group_by_length, dynamic padding"}
     for system, row in settings.items():

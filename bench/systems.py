@@ -33,10 +33,8 @@ from peftlab.params import count_params
 from peftlab.resources import peak_memory, reset_peak_memory
 from peftlab.tracking import MetricsLog
 import peftlab.train as peftlab_train
-from bench import prototypes
 
 SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
-PROTOTYPE_SYSTEMS = ("peftlab_proto",)  # peftlab with the changes bench recommends (bench/prototypes.py)
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -62,7 +60,9 @@ class Spec:
     data_seed: int = 0  # the train/eval split (peftlab's DataConfig.seed)
     device: str = "cpu"  # cpu | cuda (cuda: bf16 autocast for every system)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
-    proto_max_batch_tokens: int = 256  # peftlab_proto: padded tokens per batch at most
+    # peftlab's train.max_batch_tokens: 256 = the positions of one of the seeds' padded micro-batches
+    # (1 x 256), so no forward pass of peftlab is wider than the seeds' recipe's. None: no split.
+    max_batch_tokens: int | None = 256
 
 
 def load_data(spec: Spec) -> tuple[TaskData, Any]:
@@ -103,7 +103,7 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
     model.to(device)
     cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, scheduler="cosine",
                       warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
-                      device=device.type, num_samples=0, log_every=10**9)
+                      max_batch_tokens=spec.max_batch_tokens, device=device.type, num_samples=0, log_every=10**9)
     counter = _PeftlabCounter()
     with counter.installed():
         reset_peak_memory(device)
@@ -122,22 +122,20 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
 class _PeftlabCounter:
     """Counts padded training tokens and times the loop's final evaluation, without changing either.
 
-    peftlab.train calls the module-level names ``batches`` and ``evaluate``; whatever they are when
-    installed (a prototype may have replaced ``batches``) is wrapped for the duration of the run.
-    Eval batches are the unshuffled ones.
+    peftlab.train calls the module-level names ``split_by_tokens`` (once per training batch, never
+    for eval) and ``evaluate``; both are wrapped for the duration of the run.
     """
 
     def __init__(self) -> None:
         self.padded_tokens, self.eval_seconds, self.eval_cpu_seconds = 0, 0.0, 0.0
 
     def installed(self) -> "_patched":
-        inner_batches, inner_evaluate = peftlab_train.batches, peftlab_train.evaluate
+        inner_split, inner_evaluate = peftlab_train.split_by_tokens, peftlab_train.evaluate
 
-        def counted_batches(*args: Any, **kwargs: Any):
-            for batch in inner_batches(*args, **kwargs):
-                if kwargs.get("shuffle", True):
-                    self.padded_tokens += batch["input_ids"].numel()
-                yield batch
+        def counted_split(*args: Any, **kwargs: Any) -> list[dict]:
+            pieces = inner_split(*args, **kwargs)
+            self.padded_tokens += sum(piece["input_ids"].numel() for piece in pieces)  # what the model runs on
+            return pieces
 
         def timed_evaluate(*args: Any, **kwargs: Any):
             started, cpu_started = time.perf_counter(), time.process_time()
@@ -147,7 +145,7 @@ class _PeftlabCounter:
                 self.eval_seconds += time.perf_counter() - started
                 self.eval_cpu_seconds += time.process_time() - cpu_started
 
-        return _patched(peftlab_train, batches=counted_batches, evaluate=timed_evaluate)
+        return _patched(peftlab_train, split_by_tokens=counted_split, evaluate=timed_evaluate)
 
 
 class _patched:
@@ -253,15 +251,8 @@ def run_hf(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device, *, 
             "model": model.get_base_model(), **peak}
 
 
-def run_peftlab_proto(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device) -> dict[str, Any]:
-    """peftlab with the recommended, not yet shipped, changes patched in (bench/prototypes.py)."""
-    with prototypes.recommended(data.train, spec.proto_max_batch_tokens):
-        return run_peftlab(spec, data, tokenizer, device)
-
-
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "peftlab": run_peftlab,
-    "peftlab_proto": run_peftlab_proto,
     "hf_seeds": lambda *a: run_hf(*a, tuned=False),
     "hf_tuned": lambda *a: run_hf(*a, tuned=True),
 }

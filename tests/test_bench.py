@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where bench/ lives
 
-from bench import levers, prototypes, run_bench  # noqa: E402
-from peftlab.data import batch_indices  # noqa: E402
+from bench import levers, run_bench  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig  # noqa: E402
 from peftlab.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
 from peftlab.methods import prepare  # noqa: E402
@@ -36,11 +35,11 @@ def _bench(tiny_llama_dir, out, *extra):
 
 
 def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp_path):
-    results = _bench(tiny_llama_dir, tmp_path, "--in-process", "--systems", "peftlab,hf_seeds,hf_tuned,peftlab_proto")
+    results = _bench(tiny_llama_dir, tmp_path, "--in-process")
     written = list(tmp_path.glob("*.json"))
     assert len(written) == 1 and written[0].with_suffix(".md").is_file()
     saved = json.loads(written[0].read_text())
-    assert saved["summary"].keys() == {"peftlab", "hf_seeds", "hf_tuned", "peftlab_proto"}
+    assert saved["summary"].keys() == {"peftlab", "hf_seeds", "hf_tuned"}
     assert saved["machine"]["cpu"] and saved["machine"]["cores"] >= 1 and saved["machine"]["torch"]
     assert saved["gemm"]["peak_flops"] > 0 and saved["same_data_for_all"]
     rows = saved["summary"]
@@ -59,9 +58,8 @@ def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp
     assert rows["peftlab"]["trainable_params"] == 2 * 16 * sum(i + o for i, o in q_k_v_o_gate_up_down)
     assert saved["ratios"]["peftlab/hf_seeds"]["target_tokens_per_s"] == 3.0
     assert saved["ratios"]["peftlab/hf_tuned"]["target_tokens_per_s"] == 1.3
-    assert set(saved["ratios"]) == {f"{a}/{b}" for a in ("peftlab", "peftlab_proto") for b in ("hf_seeds", "hf_tuned")}
-    # The prototype's batches hold at most 256 padded positions (the tiny tokenizer's examples are long).
-    assert rows["peftlab_proto"]["padded_tokens"] <= rows["peftlab"]["padded_tokens"]
+    assert set(saved["ratios"]) == {"peftlab/hf_seeds", "peftlab/hf_tuned"}
+    assert saved["settings"]["max_batch_tokens"] == 256
     assert "| peftlab |" in written[0].with_suffix(".md").read_text()
     assert results["summary"] == saved["summary"]
 
@@ -72,19 +70,13 @@ def test_benchmark_default_mode_runs_each_system_in_a_fresh_process(tiny_llama_d
     assert results["runs"][0]["tokens"] > 0 and results["ratios"] == {}
 
 
-# --- the token-capped batching prototype -------------------------------------------------------------
-
-
-def test_token_capped_batches_cover_every_example_once_within_the_cap():
-    lengths = [5, 40, 7, 33, 12, 60, 9, 9, 21, 3, 80, 14]
-    for shuffle in (True, False):
-        groups = prototypes.token_capped_indices(lengths, 4, 64, seed=0, epoch=1, shuffle=shuffle)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        for group in groups:
-            assert len(group) <= 4
-            assert len(group) * max(lengths[i] for i in group) <= 64 or len(group) == 1
-    assert prototypes.token_capped_indices(lengths, 4, 10**6, seed=0, epoch=1) == \
-        batch_indices(lengths, 4, seed=0, epoch=1)  # a cap never reached changes nothing
+def test_benchmark_max_batch_tokens_cuts_what_peftlab_pads_not_what_it_trains_on(tiny_llama_dir, tmp_path):
+    whole = _bench(tiny_llama_dir, tmp_path / "whole", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "0")
+    split = _bench(tiny_llama_dir, tmp_path / "split", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "64")
+    assert whole["settings"]["max_batch_tokens"] is None and split["settings"]["max_batch_tokens"] == 64
+    whole_row, split_row = whole["summary"]["peftlab"], split["summary"]["peftlab"]
+    assert split_row["tokens"] == whole_row["tokens"] and split_row["steps"] == whole_row["steps"]
+    assert split_row["padded_tokens"] < whole_row["padded_tokens"]  # pieces are trimmed to their own longest row
 
 
 # --- levers: each must leave the loss and gradients unchanged (float noise) -------------------------
