@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ from bench import machine  # noqa: E402
 from bench.systems import SYSTEMS, Spec, run_system  # noqa: E402
 
 TARGETS = {"hf_seeds": 3.0, "hf_tuned": 1.3}  # issue 5: peftlab's non-padding tokens/s over each peer
-# Eval loss "no worse" allows this much: the seed-to-seed spread of the eval loss of one system in
-# this set-up (LoRA init, dropout masks and batch order all follow the seed); see bench/README.md.
+# Eval loss "no worse" allows the seed-to-seed spread measured in the run (repetition r trains every
+# system with seed + r: LoRA init, dropout masks and batch order all follow it). With one repetition
+# there is no spread to measure and this fixed allowance is used instead.
 LOSS_TOLERANCE = 0.01
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -48,9 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # 4 = the seeds' effective batch (1 x accumulation 4): every system then takes the same number of
     # optimizer steps over the same examples, so eval losses compare like with like.
     parser.add_argument("--batch-size", type=int, default=4, help="peftlab's and hf_tuned's batch size")
-    parser.add_argument("--seed", type=int, default=42, help="training seed (LoRA init, dropout, batch order)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="training seed of repetition 1; repetition r uses seed + r - 1 for every system")
     parser.add_argument("--loss-tolerance", type=float, default=LOSS_TOLERANCE,
-                        help="eval loss counts as no worse up to this much above the peer's")
+                        help="with --reps 1: eval loss counts as no worse up to this much above the peer's")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every system")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma list of {', '.join(SYSTEMS)}")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rep in range(args.reps):
         for system in systems:  # interleaved: A B C A B C, so drift in machine load hits all alike
             _progress(f"[rep {rep + 1}/{args.reps}] {system}: training {spec.examples} examples ...")
-            record = run_system(system, spec) if args.in_process else _run_isolated(system, spec)
+            rep_spec = replace(spec, seed=spec.seed + rep)  # the same seed for every system in a repetition
+            record = run_system(system, rep_spec) if args.in_process else _run_isolated(system, rep_spec)
             record["rep"] = rep
             runs.append(record)
             _progress(f"[rep {rep + 1}/{args.reps}] {system}: {record['tokens_per_s']:.1f} tok/s, "
@@ -193,13 +196,26 @@ def _ratios(runs: list[dict], summary: dict, system: str, peer: str, loss_tolera
     speed = mine["tokens_per_s_median"] / theirs["tokens_per_s_median"]
     memory = mine["peak_memory_mb_median"] / theirs["peak_memory_mb_median"]
     loss_delta = mine["eval_loss_median"] - theirs["eval_loss_median"]
+    spread = _seed_spread(runs, system, peer)
+    tolerance = spread if spread is not None else loss_tolerance
     target = TARGETS.get(peer)
     checks = {"speed_met": target is not None and speed >= target, "memory_met": memory <= 1.0,
-              "eval_loss_met": loss_delta <= loss_tolerance}
+              "eval_loss_met": loss_delta <= tolerance}
     return {"tokens_per_s": speed, "tokens_per_s_paired_median": statistics.median(paired),
             "tokens_per_s_paired": paired, "peak_memory": memory, "eval_loss_delta": loss_delta,
-            "eval_loss_tolerance": loss_tolerance, "target_tokens_per_s": target, **checks,
+            "eval_loss_tolerance": tolerance, "eval_loss_seed_spread": spread, "target_tokens_per_s": target, **checks,
             "target_met": all(checks.values())}
+
+
+def _seed_spread(runs: list[dict], *systems: str) -> float | None:
+    """The larger of the systems' eval-loss ranges (max - min) over repetitions, i.e. over seeds."""
+    ranges = []
+    for system in systems:
+        losses = [r["eval_loss"] for r in runs if r["system"] == system]
+        if len(losses) < 2:
+            return None
+        ranges.append(max(losses) - min(losses))
+    return max(ranges)
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -231,7 +247,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"LoRA r={s['r']} alpha={s['alpha']:g} dropout={s['dropout']} on q,k,v,o,gate,up,down of {s['model']}; "
         f"{s['examples']} chatterbot training examples x {s['epochs']:g} epoch, {s['eval_examples']} eval examples; "
-        f"lr {s['lr']:g} cosine, warmup {s['warmup_ratio']:g}, weight decay {s['weight_decay']:g}, seed {s['seed']}; "
+        f"lr {s['lr']:g} cosine, warmup {s['warmup_ratio']:g}, weight decay {s['weight_decay']:g}, seeds {s['seed']}..{s['seed'] + s['reps'] - 1} (one per repetition); "
         f"device {s['device']}; {s['reps']} interleaved repetitions, medians shown"
         f"{', each run in a fresh process' if s['isolated'] else ', all runs in one process'}.",
         "",
@@ -254,9 +270,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {pair} | {r['tokens_per_s']:.2f}x | {r['tokens_per_s_paired_median']:.2f}x | {target} | "
                      f"{r['peak_memory']:.2f}x: {_yes(r['memory_met'])} | {r['eval_loss_delta']:+.4f}: "
                      f"{_yes(r['eval_loss_met'])} | {_yes(r['target_met'])} |")
-    tolerance = next(iter(results["ratios"].values()))["eval_loss_tolerance"] if results["ratios"] else LOSS_TOLERANCE
-    lines += ["", f"Targets: tokens/s ratio at least the target, peak memory ratio <= 1, eval loss delta <= "
-              f"{tolerance:g} (the seed-to-seed spread; see bench/README.md)."]
+    tolerances = ", ".join(f"{pair} {r['eval_loss_tolerance']:.4f}" for pair, r in results["ratios"].items())
+    measured = all(r["eval_loss_seed_spread"] is not None for r in results["ratios"].values())
+    lines += ["", "Targets: tokens/s ratio at least the target, peak memory ratio <= 1, eval loss delta (of medians "
+              "over seeds) at most " + ("the seed-to-seed spread measured here (the larger of the two systems' "
+                                        "max - min over repetitions): " if measured else
+                                        "a fixed allowance (one repetition: no spread to measure): ") + tolerances + "."]
     lines += ["", f"Same tokenized train/eval examples for every run: {'yes' if results['same_data_for_all'] else 'NO'}. "
               f"Command: `.venv/bin/python {results['command']}`", ""]
     return "\n".join(lines)

@@ -70,6 +70,18 @@ def test_benchmark_default_mode_runs_each_system_in_a_fresh_process(tiny_llama_d
     assert results["runs"][0]["tokens"] > 0 and results["ratios"] == {}
 
 
+def test_each_repetition_has_its_own_seed_and_the_loss_check_uses_their_spread(tiny_llama_dir, tmp_path):
+    results = run_bench.main(["--model", str(tiny_llama_dir), "--examples", "6", "--eval-examples", "3",
+                              "--batch-size", "2", "--reps", "2", "--threads", "1", "--gemm-sizes", "64",
+                              "--out", str(tmp_path), "--in-process", "--systems", "peftlab,hf_tuned"])
+    assert [(r["system"], r["spec"]["seed"]) for r in results["runs"]] == [
+        ("peftlab", 42), ("hf_tuned", 42), ("peftlab", 43), ("hf_tuned", 43)]
+    losses = {s: [r["eval_loss"] for r in results["runs"] if r["system"] == s] for s in ("peftlab", "hf_tuned")}
+    ratio = results["ratios"]["peftlab/hf_tuned"]
+    assert ratio["eval_loss_seed_spread"] == pytest.approx(max(max(v) - min(v) for v in losses.values()))
+    assert ratio["eval_loss_met"] == (ratio["eval_loss_delta"] <= ratio["eval_loss_seed_spread"])
+
+
 def test_benchmark_max_batch_tokens_cuts_what_peftlab_pads_not_what_it_trains_on(tiny_llama_dir, tmp_path):
     whole = _bench(tiny_llama_dir, tmp_path / "whole", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "0")
     split = _bench(tiny_llama_dir, tmp_path / "split", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "64")
