@@ -40,7 +40,7 @@ from bench import machine  # noqa: E402
 from bench.systems import Spec, load_data  # noqa: E402
 from peftlab.checkpoint import TrainState  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig, TrainConfig  # noqa: E402
-from peftlab.data import TaskData, batches  # noqa: E402
+from peftlab.data import TaskData, batches, split_by_tokens  # noqa: E402
 from peftlab.methods import prepare  # noqa: E402
 from peftlab.methods.lora import LoRALinear  # noqa: E402
 from peftlab.modelmap import build_model_map  # noqa: E402
@@ -123,6 +123,11 @@ def lora_forward_addmm(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
 _ORIGINAL_LORA_FORWARD = LoRALinear.forward
 
 
+def _split_batches(max_tokens: int) -> contextlib.AbstractContextManager:
+    """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step."""
+    return _attribute(peftlab_train, "split_by_tokens", lambda batch, _cap: split_by_tokens(batch, max_tokens))
+
+
 def _no_kv_cache(model: nn.Module) -> contextlib.AbstractContextManager:
     """use_cache=False: HF decoders otherwise build a KV cache even in training forwards."""
     return _attribute(model.config, "use_cache", False)
@@ -140,6 +145,8 @@ LEVERS: dict[str, tuple[str, Lever]] = {
     "flush_denormal": ("torch.set_flush_denormal(True)", lambda m: _flush_denormal()),
     "no_kv_cache": ("model.config.use_cache = False", _no_kv_cache),
     "lora_addmm": ("LoRALinear.forward with one addmm", lambda m: _attribute(LoRALinear, "forward", lora_forward_addmm)),
+    "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
+                             lambda m: _split_batches(256)),
 }
 
 
@@ -187,15 +194,18 @@ def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, train_batche
 
 
 def loss_and_grads(model: nn.Module, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss sum and LoRA gradients on one batch, dropout off, through whatever loss path is active."""
+    """Loss sum and LoRA gradients on one batch, dropout off, through whatever loss path and split are active."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    total, _ = peftlab_train.loss_sum(model, batch, "instruction")
-    total.backward()
+    total = 0.0
+    for piece in peftlab_train.split_by_tokens(batch, None):  # as shipped (no cap): the whole batch
+        piece_loss, _ = peftlab_train.loss_sum(model, piece, "instruction")
+        piece_loss.backward()  # gradients accumulate over pieces, as in train._optimizer_step
+        total += float(piece_loss.detach())
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.train()
-    return float(total.detach()), grads
+    return total, grads
 
 
 def max_difference(reference: tuple[float, dict], other: tuple[float, dict]) -> dict[str, float]:

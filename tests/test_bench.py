@@ -176,6 +176,25 @@ def test_every_lever_leaves_loss_and_gradients_unchanged(lever):
     assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
 
 
+def test_split_batch_lever_really_splits_and_leaves_loss_and_gradients_unchanged():
+    model, batch = _lora_llama(), _batch()  # 3 rows of up to 14 tokens: a 16-token cap makes 3 pieces
+    reference = levers.loss_and_grads(model, batch)
+    pieces = []
+    with levers._split_batches(16):
+        split = levers.peftlab_train.split_by_tokens
+
+        def recorded(b, cap):
+            pieces.extend(split(b, cap))
+            return pieces
+
+        with levers._attribute(levers.peftlab_train, "split_by_tokens", recorded):
+            changed = levers.loss_and_grads(model, batch)
+    assert levers.peftlab_train.split_by_tokens is levers.split_by_tokens  # restored
+    assert len(pieces) == 3
+    difference = levers.max_difference(reference, changed)
+    assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
+
+
 def test_lora_addmm_forward_equals_the_plain_forward_in_training_with_dropout():
     model, batch = _lora_llama(), _batch()
     outputs = []
