@@ -416,8 +416,10 @@ def split_by_tokens(batch: dict[str, torch.Tensor], max_tokens: int | None) -> l
     padding. A row longer than ``max_tokens`` gets a piece of its own. Every row lands in exactly
     one piece, so summing a per-token loss over the pieces gives the batch's sum.
     """
+    if max_tokens is None:  # the default: nothing to compute on the training hot path
+        return [batch]
     lengths = batch["attention_mask"].sum(dim=1)
-    if max_tokens is None or len(lengths) * int(lengths.max()) <= max_tokens:
+    if len(lengths) * int(lengths.max()) <= max_tokens:
         return [batch]
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     pieces, start = [], 0
@@ -434,4 +436,3 @@ def _take(value: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
     """Rows of a batch field, trimmed to ``width`` positions when it is per-token ([B, T])."""
     picked = value.index_select(0, rows)
     return picked[:, :width].contiguous() if picked.dim() == 2 else picked
-

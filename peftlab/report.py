@@ -265,9 +265,6 @@ def _figures(analysis: Analysis, folder: Path) -> list[tuple[Path, str]]:
     return [(path, caption) for path, caption in made if path is not None]
 
 
-# The document: ("h1"|"h2"|"p", text) | ("ul", [text]) | ("table", headers, rows) | ("img", path, caption)
-
-
 def document(analysis: Analysis, figure_paths: list[tuple[Path, str]], directory: Path) -> list[Block]:
     blocks: list[Block] = [("h1", f"{analysis.name}: which strategy, and by how much")]
     blocks += setup_blocks(analysis)

@@ -32,6 +32,8 @@ def test_impossible_values_fail_before_anything_runs():
         from_dict(RunConfig, {"method": {"placement": "attention_olny"}})
     with pytest.raises(UserError, match=r"custom schedule needs exactly one"):
         from_dict(RunConfig, {"method": {"ranks": {"schedule": "custom"}}})
+    with pytest.raises(UserError, match=r"train.max_batch_tokens must be >= 8"):
+        from_dict(RunConfig, {"train": {"max_batch_tokens": 4}})
 
 
 def test_dotted_overrides_parse_yaml_values():

@@ -164,12 +164,25 @@ def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum):
+def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum, monkeypatch):
     """Pieces of one batch are summed in the same optimizer step: same losses and weights as unsplit."""
+    import peftlab.train as train_module
+
     plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None)
     split = TrainConfig(**{**plain.__dict__, "max_batch_tokens": 20})  # 6 rows of up to 16 tokens: 5+ pieces
     a_model, b_model = _lora_model(dropout=0.0), _lora_model(dropout=0.0)
-    a, b = _train(a_model, plain), _train(b_model, split)
+    a = _train(a_model, plain)
+    pieces_per_batch = []
+    real_split = train_module.split_by_tokens
+
+    def counted_split(batch, cap):
+        pieces = real_split(batch, cap)
+        pieces_per_batch.append(len(pieces))
+        return pieces
+
+    monkeypatch.setattr(train_module, "split_by_tokens", counted_split)
+    b = _train(b_model, split)
+    assert len(pieces_per_batch) == 4 * grad_accum and min(pieces_per_batch) > 1  # the cap really split every step
     assert [r["train_loss"] for r in a.history if "train_loss" in r] == pytest.approx(
         [r["train_loss"] for r in b.history if "train_loss" in r], rel=1e-5)
     assert a.state.train_tokens == b.state.train_tokens
