@@ -31,6 +31,11 @@ def _require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+# shuffled: one permutation seeded by data.seed, eval taken first; contiguous: rows in source order,
+# train = the first train_size, eval = the next eval_size (a slice split like alpaca train[:100]).
+SPLIT_MODES = ("shuffled", "contiguous")
+
+
 @dataclass
 class DataConfig:
     source: str = "chatterbot"  # alias (chatterbot | rotten_tomatoes | hamlet), local file, or hub id
@@ -45,6 +50,7 @@ class DataConfig:
     response_only: bool = True  # instruction: loss on response tokens only
     labels: list[str] | None = None  # classification: label names in id order (default: sorted)
     seed: int = 0  # train/eval split seed, kept apart from the training seed
+    split_mode: str = "shuffled"  # shuffled | contiguous (see SPLIT_MODES)
 
     def __post_init__(self) -> None:
         _require(self.eval_size > 0, "data.eval_size must be > 0 (a count, or a fraction below 1)")
@@ -53,6 +59,12 @@ class DataConfig:
         _require(self.train_size is None or self.train_size > 0, "data.train_size must be > 0")
         _require(self.max_length >= 8, "data.max_length must be at least 8")
         _require(self.chunk_length >= 8, "data.chunk_length must be at least 8")
+        _require(self.split_mode in SPLIT_MODES, _choice_message("data.split_mode", self.split_mode, SPLIT_MODES))
+        if self.split_mode == "contiguous":  # a slice split has no "all that remain" and no fraction
+            _require(self.train_size is not None,
+                     "data.split_mode=contiguous needs data.train_size (train = the first train_size rows)")
+            _require(float(self.eval_size).is_integer(),
+                     f"data.split_mode=contiguous needs a whole data.eval_size count, got {self.eval_size}")
 
 
 @dataclass

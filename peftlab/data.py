@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import assets
-from .config import DataConfig
+from .config import SPLIT_MODES, DataConfig
 from .errors import UserError
 
 IGNORE_INDEX = -100  # label of positions that take no loss (torch cross_entropy's ignore_index)
@@ -57,7 +57,7 @@ class TaskData:
 
 
 def load_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
-    """Load ``cfg.source`` for ``task``, split it by ``cfg.seed`` and tokenize it."""
+    """Load ``cfg.source`` for ``task``, split it (``cfg.split_mode``, ``cfg.seed``) and tokenize it."""
     if task not in TASK_FIELDS:
         raise UserError(f"task={task!r} is not one of {', '.join(TASK_FIELDS)}")
     rows, class_names = load_rows(cfg)
@@ -186,15 +186,34 @@ def eval_count(n: int, eval_size: float) -> int:
 
 
 def split_indices(n: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
-    """(train, eval) indices: one permutation seeded by cfg.seed, eval taken first.
+    """(train, eval) indices. shuffled: one permutation seeded by cfg.seed, eval taken first.
 
     Taking eval first keeps the eval set fixed when train_size changes, so runs that differ only
-    in how much they train on are measured on the same examples.
+    in how much they train on are measured on the same examples. contiguous: see contiguous_split.
     """
+    if cfg.split_mode not in SPLIT_MODES:  # DataConfig checks this too; a config edited after it may not be
+        raise UserError(f"data.split_mode={cfg.split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
+    if cfg.split_mode == "contiguous":
+        return contiguous_split(n, cfg)
     n_eval = eval_count(n, cfg.eval_size)
     order = np.random.default_rng(cfg.seed).permutation(n).tolist()
     train = order[n_eval:]
     return (train[:cfg.train_size] if cfg.train_size is not None else train), order[:n_eval]
+
+
+def contiguous_split(n: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """Rows in source order: train = the first train_size, eval = the next eval_size.
+
+    Reproduces slice splits such as alpaca train[:100] / train[100:120]. Those are whatever
+    the source's first rows happen to be, so prefer shuffled for anything but a reproduction.
+    """
+    if cfg.train_size is None or not float(cfg.eval_size).is_integer():
+        raise UserError("data.split_mode=contiguous needs data.train_size and a whole data.eval_size count")
+    n_train, n_eval = cfg.train_size, int(cfg.eval_size)
+    if n_train + n_eval > n:
+        raise UserError(f"data.split_mode=contiguous takes data.train_size={n_train} + data.eval_size={n_eval} "
+                        f"rows but there are only {n}; lower them")
+    return list(range(n_train)), list(range(n_train, n_train + n_eval))
 
 
 # --- instruction --------------------------------------------------------------------------------

@@ -36,6 +36,28 @@ def test_impossible_values_fail_before_anything_runs():
         from_dict(RunConfig, {"train": {"max_batch_tokens": 4}})
 
 
+@pytest.mark.parametrize("data, fragment", [
+    ({"split_mode": "random"}, "data.split_mode='random' is not one of shuffled, contiguous"),
+    ({"split_mode": "contigous", "train_size": 100}, "(did you mean 'contiguous'?)"),
+    ({"split_mode": "contiguous", "eval_size": 20}, "data.split_mode=contiguous needs data.train_size"),
+    ({"split_mode": "contiguous", "train_size": 100, "eval_size": 0.1},
+     "data.split_mode=contiguous needs a whole data.eval_size count, got 0.1"),
+    ({"eval_size": 0}, "data.eval_size must be > 0"),
+    ({"train_size": 0}, "data.train_size must be > 0"),
+])
+def test_bad_data_values_are_one_line_errors(data, fragment):
+    with pytest.raises(UserError) as error:
+        from_dict(RunConfig, {"data": data})
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_split_mode_defaults_to_shuffled_and_takes_an_override():
+    assert from_dict(RunConfig, {}).data.split_mode == "shuffled"
+    overrides = ["data.split_mode=contiguous", "data.train_size=100", "data.eval_size=20"]
+    config = from_dict(RunConfig, apply_overrides({}, overrides))
+    assert (config.data.split_mode, config.data.train_size, config.data.eval_size) == ("contiguous", 100, 20)
+
+
 def test_dotted_overrides_parse_yaml_values():
     data = apply_overrides({"train": {"lr": 1.0}}, ["train.max_steps=5", "method.placement=attention_only",
                                                      "train.lr=2e-4", "method.layers=[0, 1]"])

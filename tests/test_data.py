@@ -219,6 +219,38 @@ def test_split_is_deterministic_and_sized_by_count_or_fraction():
     assert capped_eval == evals and capped_train == train[:30]  # eval stays put when train_size changes
 
 
+def test_contiguous_split_takes_rows_in_source_order():
+    # The seed studies' alpaca train[:100] / train[100:120]; the seed plays no part.
+    for seed in (0, 7):
+        train, evals = data.split_indices(200, DataConfig(split_mode="contiguous", train_size=100, eval_size=20,
+                                                          seed=seed))
+        assert train == list(range(100)) and evals == list(range(100, 120))
+
+
+def test_contiguous_split_of_records_keeps_their_order(tok, tmp_path):
+    rows = records(12)
+    source = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(source=source, split_mode="contiguous", train_size=8, eval_size=3)
+    loaded = load_task_data(cfg, "instruction", tok)
+    assert [reference for _, reference in loaded.eval_prompts] == [str(r["output"]) for r in rows[8:11]]
+    assert len(loaded.train) == 8
+
+
+@pytest.mark.parametrize("n, changes, fragment", [
+    (110, {}, "takes data.train_size=100 + data.eval_size=20 rows but there are only 110"),
+    (200, {"split_mode": "sorted"}, "data.split_mode='sorted' is not one of shuffled, contiguous"),
+    (200, {"train_size": None}, "needs data.train_size and a whole data.eval_size count"),
+    (200, {"eval_size": 0.1}, "needs data.train_size and a whole data.eval_size count"),
+])
+def test_contiguous_split_errors_are_one_line(n, changes, fragment):
+    cfg = DataConfig(split_mode="contiguous", train_size=100, eval_size=20)
+    for key, value in changes.items():  # set after construction: split_indices checks on its own
+        setattr(cfg, key, value)
+    with pytest.raises(UserError, match=re.escape(fragment)) as error:
+        data.split_indices(n, cfg)
+    assert "\n" not in str(error.value)
+
+
 def test_eval_size_that_leaves_nothing_to_train_is_an_error(tok, tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", records(10))
     with pytest.raises(UserError, match="data.eval_size=10 takes 10 eval examples but there are only 10"):
