@@ -1,8 +1,9 @@
 """Executors: run a sweep's trials in this process (local) or as Ray tasks (ray).
 
 Both call the same ``run_trial``, which records every outcome in the trial's folder: a failed run
-(any exception but a UserError) gets a summary.json with status "failed" and its error, a diverged
-run keeps the runner's "diverged" summary, and the sweep goes on. A UserError is the user's to fix
+(any exception but a UserError) gets a summary.json with status "failed" and its error, a diverged or
+collapsed run keeps the runner's summary, and the sweep goes on. The untrained base model is evaluated
+first (the reference trials), so each run can be checked for collapse against it. A UserError is the user's to fix
 and stops the sweep (finished trials stay; ``--resume`` continues).
 
 Ray: each trial is a task with one GPU when the cluster has GPUs, else one CPU. Workers write into
@@ -50,14 +51,33 @@ def _run_experiment() -> Callable[..., dict[str, Any]]:
     return run_experiment
 
 
+def _run_reference() -> Callable[..., dict[str, Any]]:
+    from .run import evaluate_reference
+
+    return evaluate_reference
+
+
+def reference_eval_loss(trial: Trial) -> float | None:
+    """The untrained base model's eval loss on this trial's eval set, once its reference trial has completed."""
+    if trial.reference is None:
+        return None
+    summary = _read_json(trial.out_dir.parent / trial.reference / "summary.json") or {}
+    loss = (summary.get("metrics") or {}).get("eval_loss")
+    return float(loss) if summary.get("status") == "completed" and isinstance(loss, (int, float)) else None
+
+
 def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> dict[str, Any]:
     """Run one trial into its folder and return its summary; failures are recorded, not raised."""
     write_json_atomic(trial.out_dir / TRIAL_FILE, trial.info())
-    extra = {"model_cache": model_cache} if model_cache is not None else {}
+    extra: dict[str, Any] = {"model_cache": model_cache} if model_cache is not None else {}
     started = time.time()
     try:
-        # resume=True is safe for a fresh folder too: sweep.plan left it empty or with a checkpoint of this config
-        summary = _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra)
+        if trial.is_reference:
+            summary = _run_reference()(trial.config, trial.out_dir, echo=echo, **extra)
+        else:
+            extra["reference_eval_loss"] = reference_eval_loss(trial)
+            # resume=True is safe for a fresh folder too: sweep.plan left it empty or with a checkpoint of this config
+            summary = _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra)
     except UserError as error:
         raise UserError(f"run {trial.run_id}: {error}") from None
     except Exception as error:  # noqa: BLE001 - any bug or OOM in one trial must not end the sweep
@@ -100,6 +120,8 @@ def status_line(summary: dict[str, Any]) -> str:
     if status == "diverged":
         divergence = summary.get("divergence") or {}
         return f"diverged at step {divergence.get('step')}: {divergence.get('reason')}"
+    if status == "collapsed":
+        return f"collapsed: {(summary.get('collapse') or {}).get('reason')}"
     metrics = summary.get("metrics", {})
     shown = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics]
     return f"{status} " + " ".join(shown)
@@ -198,22 +220,46 @@ def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address:
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", address: str | None = None,
               resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
-    """Expand, check the folder (resume rules in sweep.plan), run what is left; return every trial's summary."""
+    """Expand, check the folder (resume rules in sweep.plan), run what is left; return every run's summary.
+
+    The base-model reference trials run first and are not among the returned summaries.
+    """
     if executor not in ("local", "ray") or (address and executor != "ray"):
         raise UserError("--ray-address needs --executor ray" if address
                         else f"--executor {executor!r}: use local or ray")
     out = Path(out)
     trials = expand(spec, out)
     todo = plan(trials, out, resume=resume)
-    write_sweep_file(spec, out)
-    done = len(trials) - len(todo)
-    progress(f"{spec.name}: {len(trials)} runs ({len(spec.strategies)} strategies x "
-             f"{len(trials) // (len(spec.strategies) * len(spec.seeds))} grid points x {len(spec.seeds)} seeds)"
-             + (f", {done} already done" if done else "") + f", into {out}")
-    fresh = {t.run_id: s for (t, _), s in zip(todo, execute(todo, executor, address=address, echo=echo,
-                                                             progress=progress))} if todo else {}
-    return [fresh.get(t.run_id) or _read_summary(t) for t in trials]
+    write_sweep_file(spec, trials, out)
+    runs = [t for t in trials if not t.is_reference]
+    trained = [t for t in runs if t.alias_of is None]
+    done = len(trials) - len(todo) - (len(runs) - len(trained))
+    progress(f"{spec.name}: {len(runs)} runs ({len(spec.strategies)} strategies x "
+             f"{len(runs) // (len(spec.strategies) * len(spec.seeds))} grid points x {len(spec.seeds)} seeds)"
+             + _aliases_note(runs) + (f", {done} already done" if done else "") + f", into {out}")
+    fresh: dict[str, dict[str, Any]] = {}
+    # The base model first: each run's collapse check reads its eval loss.
+    for batch in ([item for item in todo if item[0].is_reference], [item for item in todo if not item[0].is_reference]):
+        if batch:
+            fresh.update({t.run_id: s for (t, _), s in zip(batch, execute(batch, executor, address=address,
+                                                                           echo=echo, progress=progress))})
+    return [fresh.get(t.alias_of or t.run_id) or _read_summary(t) for t in runs]
+
+
+def _aliases_note(runs: list[Trial]) -> str:
+    aliases = {(t.strategy, next(o.strategy for o in runs if o.run_id == t.alias_of)) for t in runs if t.alias_of}
+    if not aliases:
+        return ""
+    named = "; ".join(f"{alias} = {original}" for alias, original in sorted(aliases))
+    return f" (identical configs trained once and reported under each name: {named})"
 
 
 def _read_summary(trial: Trial) -> dict[str, Any]:
-    return json.loads((trial.out_dir / "summary.json").read_text())
+    return json.loads((trial.out_dir.parent / (trial.alias_of or trial.run_id) / "summary.json").read_text())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -54,25 +54,33 @@ def _half(group: GroupStats, metric: str) -> float:
 
 
 def quality_vs_params(groups: list[GroupStats], quality: str, quality_label: str, higher_is_better: bool,
-                      path: Path) -> Path | None:
-    """Mean quality (95% CI bars) against trainable parameters on a log axis; the Pareto frontier marked."""
+                      path: Path, reference: float | None = None) -> Path | None:
+    """Mean quality (95% CI bars) against trainable parameters on a log axis; the Pareto frontier marked.
+
+    ``reference``: the untrained base model's value, drawn as a horizontal line (it has no trainable
+    parameters, so no place on the log axis).
+    """
     points = [g for g in groups if g.mean(quality) is not None and g.mean("trainable_params")]
     if not points:
         return None
     colors = palette([g.label for g in groups])
     fig = Figure(figsize=(8, 5.2), layout="constrained")
     ax = fig.add_subplot()
-    for index, group in enumerate(points):
+    labels = []
+    for group in points:
         one_seed = group.stats[quality].n == 1
         ax.errorbar(group.mean("trainable_params"), group.mean(quality), yerr=_half(group, quality), fmt="o",
                     color=colors[group.label], mfc="white" if one_seed else colors[group.label], capsize=4, ms=7,
                     label=f"{group.label} (n={group.stats[quality].n}{', no CI' if one_seed else ''})")
-        ax.annotate(group.label, (group.mean("trainable_params"), group.mean(quality)), fontsize=7,
-                    xytext=(6, 5 if index % 2 == 0 else -11), textcoords="offset points")  # alternate: less overlap
+        labels.append(ax.annotate(group.label, (group.mean("trainable_params"), group.mean(quality)), fontsize=7,
+                                  xytext=(6, 4), textcoords="offset points"))
     front = sorted((g for g in points if g.pareto.get("params")), key=lambda g: g.mean("trainable_params"))
     if front:
         ax.plot([g.mean("trainable_params") for g in front], [g.mean(quality) for g in front], "--", color="0.3",
-                lw=1.2, drawstyle="steps-post", label="Pareto frontier (no strategy is both cheaper and better)")
+                lw=1.2, drawstyle="steps-post",
+                label="Pareto frontier (off it only if a cheaper strategy is better, paired by seed)")
+    if reference is not None:
+        ax.axhline(reference, color="0.2", ls=":", lw=1.2, label=f"untrained base model (step 0): {reference:.4g}")
     ax.set_xscale("log")
     costs = [g.mean("trainable_params") for g in points]
     ax.xaxis.set_major_formatter(FuncFormatter(_count))
@@ -86,12 +94,33 @@ def quality_vs_params(groups: list[GroupStats], quality: str, quality_label: str
     ax.set_title("Quality against trainable parameters (mean over seeds, bars: 95% CI)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    _separate_labels(fig, labels)
     return _save(fig, path)
 
 
+def _separate_labels(fig: Figure, labels: list[Any]) -> None:
+    """Move point labels down, one line at a time, until no two overlap (they start beside their points)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lay the figure out first: extents are only final after a draw
+    renderer = canvas.get_renderer()
+    placed: list[Any] = []
+    for label in sorted(labels, key=lambda t: -t.get_window_extent(renderer).y0):
+        for _ in range(12):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y - (box.height + 1) * 72 / fig.dpi)  # extents are pixels, offsets points
+        placed.append(label.get_window_extent(renderer))
+
+
 def time_and_memory(groups: list[GroupStats], memory_kind: str, path: Path) -> Path | None:
-    """Training time and peak memory per strategy, horizontal bars with 95% CI whiskers."""
-    shown = [g for g in groups if g.mean("train_seconds") is not None]
+    """Training time and peak memory per strategy: median bars, whiskers from the fastest to the slowest seed.
+
+    Medians and ranges rather than mean +- t interval: times are skewed by a busy machine and an
+    interval over three seeds can reach below zero.
+    """
+    shown = [g for g in groups if g.median("train_seconds") is not None]
     if not shown:
         return None
     colors = palette([g.label for g in groups])
@@ -102,52 +131,101 @@ def time_and_memory(groups: list[GroupStats], memory_kind: str, path: Path) -> P
               ("peak_memory_mb", f"peak memory (MiB, {memory_kind})", "Peak memory per strategy"))
     for index, (metric, xlabel, title) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 2, index)
-        values = [g.mean(metric) or 0.0 for g in shown]
-        ax.barh(y, values, xerr=[_half(g, metric) for g in shown], capsize=3, color=[colors[label] for label in labels])
+        values = [g.median(metric) or 0.0 for g in shown]
+        ax.barh(y, values, xerr=_range_whiskers(shown, metric), capsize=3, color=[colors[label] for label in labels])
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(True, axis="x", alpha=0.3)
     handles = [Patch(color=colors[label], label=label) for label in labels]
-    handles.append(Line2D([], [], color="black", marker="|", ms=10, lw=1.2, label="95% CI over seeds"))
+    handles.append(Line2D([], [], color="black", marker="|", ms=10, lw=1.2, label="range over seeds (min-max)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=7,
-               title="bar: mean over completed seeds", title_fontsize=7)
+               title="bar: median over completed seeds", title_fontsize=7)
     return _save(fig, path)
 
 
-def loss_curves(curves: dict[str, list[list[dict[str, Any]]]], loss_label: str, path: Path) -> Path | None:
-    """Train and eval loss against optimizer step: per strategy the mean over seeds, band = min..max."""
+def _range_whiskers(groups: list[GroupStats], metric: str) -> np.ndarray:
+    """Asymmetric whiskers (below, above) from the median to the lowest and highest seed."""
+    below, above = [], []
+    for group in groups:
+        summary = group.spreads.get(metric)
+        below.append(0.0 if summary is None else summary.median - summary.low)
+        above.append(0.0 if summary is None else summary.high - summary.median)
+    return np.array([below, above])
+
+
+def loss_curves(curves: dict[str, list[list[dict[str, Any]]]], loss_label: str, path: Path,
+                reference: float | None = None) -> Path | None:
+    """Train and eval loss against optimizer step: per strategy the mean over seeds, band = min..max.
+
+    The training panel shows a token-weighted running loss over a trailing window of steps: batches
+    are grouped by length, so one batch's loss swings with its length (and the longest batch comes
+    first), which a raw per-step curve shows as a spike that is not learning. The evaluation panel
+    starts at step 0 with the untrained base model (``reference``) when it was evaluated.
+    """
     if not any(records for runs in curves.values() for records in runs):
         return None
     colors = palette(list(curves))
+    window = _smoothing_window(curves)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
-    for index, (key, title) in enumerate((("train_loss", "Training loss"), ("eval_loss", "Evaluation loss")), 1):
+    panels = (("train_loss", f"Training loss (token-weighted mean of the last {window} steps)"),
+              ("eval_loss", "Evaluation loss (eval set, through training)"))
+    for index, (key, title) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 2, index)
         for label, runs in curves.items():
-            steps, mean, low, high = _mean_curve(runs, key)
+            series = [running_loss(records, window) for records in runs] if key == "train_loss" else runs
+            steps, mean, low, high = _mean_curve(series, key, reference if key == "eval_loss" else None)
             if not steps:
                 continue
             marker = "o" if key == "eval_loss" else None
             ax.plot(steps, mean, color=colors[label], marker=marker, ms=4, lw=1.5, label=f"{label} (n={len(runs)})")
             if len(runs) > 1:
                 ax.fill_between(steps, low, high, color=colors[label], alpha=0.15)
+        if key == "eval_loss" and reference is not None:
+            ax.plot([0], [reference], marker="*", ms=12, color="black", ls="none", label="untrained base model (step 0)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"{key.replace('_', ' ')} ({loss_label})")
-        ax.set_title(f"{title} per strategy (mean over seeds, band: min-max)")
+        ax.set_title(f"{title}\nper strategy: mean over seeds, band min-max", fontsize=10)
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def _mean_curve(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    by_step: dict[int, list[float]] = {}
+def _smoothing_window(curves: dict[str, list[list[dict[str, Any]]]]) -> int:
+    """About a tenth of the longest run, at least one step."""
+    longest = max((int(r["step"]) for runs in curves.values() for records in runs for r in records if "step" in r),
+                  default=1)
+    return max(1, round(longest / 10))
+
+
+def running_loss(records: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
+    """Training records with train_loss replaced by its token-weighted mean over the last ``window`` steps.
+
+    Each step's loss is a mean over its ``train_units`` label tokens (or examples); steps logged
+    without units weigh 1.
+    """
+    steps = [r for r in records if isinstance(r.get("train_loss"), (int, float)) and math.isfinite(r["train_loss"])]
+    smoothed = []
+    for index, record in enumerate(steps):
+        recent = steps[max(0, index - window + 1): index + 1]
+        weights = [float(r.get("train_units") or 1) for r in recent]
+        total = sum(w * r["train_loss"] for w, r in zip(weights, recent))
+        smoothed.append({"step": record["step"], "train_loss": total / sum(weights)})
+    return smoothed
+
+
+def _mean_curve(runs: list[list[dict[str, Any]]], key: str,
+                start: float | None = None) -> tuple[list[int], list[float], list[float], list[float]]:
+    by_step: dict[int, list[float]] = {0: [start]} if start is not None else {}
     for records in runs:
         for record in records:
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 by_step.setdefault(int(record["step"]), []).append(float(value))
+    if start is not None and len(by_step) == 1:
+        return [], [], [], []
     steps = sorted(by_step)
     return (steps, [float(np.mean(by_step[s])) for s in steps], [min(by_step[s]) for s in steps],
             [max(by_step[s]) for s in steps])

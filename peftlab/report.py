@@ -1,8 +1,10 @@
-"""Sweep reports, rebuilt from the run folders alone: results.csv, summary.csv, report.md, report.html.
+"""Sweep reports, rebuilt from the run folders alone: results.csv, summary.csv, comparisons.csv, report.md/html.
 
-Inputs: ``DIR/runs/*/summary.json`` (with ``sweep_run.json`` beside it naming the strategy, grid
-values and seed) and ``metrics.jsonl`` for the curves; ``DIR/sweep.json``, when present, gives the
-strategy order, the baseline and each strategy's overrides. The document is built once as a list of
+Inputs: ``DIR/sweep.json`` (the sweep file as run: strategies, baseline, and the list of its trials),
+``DIR/runs/<id>/summary.json`` for each listed trial and ``metrics.jsonl`` for the curves. Folders under
+``DIR/runs`` that the sweep does not list (an older version of the sweep file, say) are named in the
+report and never averaged in. The report opens with its verdicts: paired comparisons by seed
+(peftlab.stats), Holm-adjusted across the pairs of each metric. The document is built once as a list of
 blocks and rendered twice: Markdown (figures by relative path) and self-contained HTML (figures as
 base64 PNG). Every file is written atomically.
 """
@@ -12,22 +14,29 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import figures
+from . import figures, verdicts
 from .errors import UserError
 from .render import Block, render_html, render_markdown
-from .stats import GroupStats, Stat, aggregate, group_label, separation_warnings
-from .sweep import SWEEP_FILE, TRIAL_FILE
+from .stats import (Comparison, GroupStats, Spread, Stat, aggregate, compare_all, group_label,
+                    mark_pareto, one_seed_warnings)
+from .sweep import REFERENCE, SWEEP_FILE, TRIAL_FILE
 
 SMALL_EVAL = 100  # fewer eval examples than this cannot separate close strategies
+SHORT_TRAINING_STEPS = 100  # fewer optimizer steps than this: the ordering may not hold for a real fine-tune
+# Quality metrics compared pairwise, per task. Perplexity is exp(eval_loss): its verdicts are eval_loss's.
+QUALITY_METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),
+                   "instruction": ("eval_loss",), "causal_lm": ("eval_loss",)}
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "eval_loss": False, "perplexity": False}
 METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss")
 RESOURCE_KEYS = ("train_seconds", "tokens_per_s", "peak_memory_mb", "memory_kind", "adapter_bytes", "steps",
-                 "total_steps", "train_tokens")
+                 "total_steps", "train_tokens", "load_avg_max", "cpu_count")
 AGGREGATED = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss",
               "trainable_params", "percent_trainable", "train_seconds", "tokens_per_s", "peak_memory_mb",
               "adapter_bytes")
@@ -40,7 +49,7 @@ class RunRecord:
     strategy_index: int
     grid: dict[str, Any]
     seed: int | None
-    status: str  # completed | diverged | failed | unfinished
+    status: str  # completed | diverged | collapsed | failed | unfinished
     reason: str  # why a run is not in the means
     summary: dict[str, Any] | None
     directory: Path
@@ -49,19 +58,33 @@ class RunRecord:
 # --- reading run folders -----------------------------------------------------------------------
 
 
-def load_runs(directory: Path) -> list[RunRecord]:
-    runs = []
-    for run_dir in sorted(p for p in (directory / "runs").glob("*") if p.is_dir()):
-        summary = _read_json(run_dir / "summary.json")
-        info = (summary or {}).get("sweep") or _read_json(run_dir / TRIAL_FILE) or {}
-        config = (summary or {}).get("config") or {}
-        status = summary.get("status", "failed") if summary else "unfinished"
-        runs.append(RunRecord(
-            run_id=info.get("run_id", run_dir.name), strategy=info.get("strategy", run_dir.name),
-            strategy_index=info.get("strategy_index", 0), grid=info.get("grid") or {},
-            seed=info.get("seed", (config.get("train") or {}).get("seed")), status=status,
-            reason=_reason(status, summary), summary=summary, directory=run_dir))
+def load_runs(directory: Path, trials: list[dict[str, Any]] | None = None) -> list[RunRecord]:
+    """The sweep's trials (``trials`` from sweep.json; an alias reads its original's folder), else every folder."""
+    if trials is None:
+        trials = [{"run_id": p.name} for p in sorted((directory / "runs").glob("*")) if p.is_dir()]
+    runs = [_load_run(directory / "runs" / (t.get("alias_of") or t["run_id"]), t) for t in trials]
     return sorted(runs, key=lambda r: (r.strategy_index, r.strategy, json.dumps(r.grid, default=str), r.seed or 0))
+
+
+def _load_run(run_dir: Path, listed: dict[str, Any]) -> RunRecord:
+    summary = _read_json(run_dir / "summary.json")
+    info = {**((summary or {}).get("sweep") or _read_json(run_dir / TRIAL_FILE) or {}),
+            **{k: v for k, v in listed.items() if v is not None}}
+    config = (summary or {}).get("config") or {}
+    status = summary.get("status", "failed") if summary else "unfinished"
+    return RunRecord(
+        run_id=info.get("run_id", run_dir.name), strategy=info.get("strategy", run_dir.name),
+        strategy_index=info.get("strategy_index", 0), grid=info.get("grid") or {},
+        seed=info.get("seed", (config.get("train") or {}).get("seed")), status=status,
+        reason=_reason(status, summary), summary=summary, directory=run_dir)
+
+
+def stray_folders(directory: Path, trials: list[dict[str, Any]] | None) -> list[str]:
+    """Run folders under DIR/runs that the current sweep file does not list."""
+    if trials is None:
+        return []
+    listed = {t["run_id"] for t in trials} | {t["alias_of"] for t in trials if t.get("alias_of")}
+    return sorted(p.name for p in (directory / "runs").glob("*") if p.is_dir() and p.name not in listed)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -80,6 +103,8 @@ def _reason(status: str, summary: dict[str, Any] | None) -> str:
         d = (summary or {}).get("divergence") or {}
         named = ", ".join((d.get("parameters") or [])[:3])
         return f"diverged at step {d.get('step')}: {d.get('reason')}" + (f" (parameters: {named})" if named else "")
+    if status == "collapsed":
+        return f"collapsed: {((summary or {}).get('collapse') or {}).get('reason') or 'no reason recorded'}"
     return ""
 
 
@@ -166,7 +191,9 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
 
 
 def _csv_value(value: Any) -> Any:
-    return repr(value) if isinstance(value, float) else value  # repr keeps every digit: tables compare exactly
+    if isinstance(value, float):  # repr keeps every digit: tables compare exactly; NaN/inf are never written
+        return repr(value) if math.isfinite(value) else ""
+    return value
 
 
 def _write_text_atomic(path: Path, text: str | bytes) -> None:
@@ -185,7 +212,7 @@ def _write_text_atomic(path: Path, text: str | bytes) -> None:
 @dataclass
 class Analysis:
     name: str
-    runs: list[RunRecord]
+    runs: list[RunRecord]  # the sweep's trained runs (aliases included, under their own strategy name)
     rows: list[dict[str, Any]]
     groups: list[GroupStats]
     baseline: str
@@ -194,43 +221,83 @@ class Analysis:
     task: str
     grid_keys: list[str]
     sweep: dict[str, Any]
+    references: list[RunRecord] = field(default_factory=list)  # the untrained base model, evaluated once
+    comparisons: list[Comparison] = field(default_factory=list)  # every pair, every quality metric
+    strays: list[str] = field(default_factory=list)  # folders under runs/ that this sweep does not list
+    aliases: dict[str, str] = field(default_factory=dict)  # strategy -> the strategy whose runs it shares
+
+    @property
+    def reference(self) -> RunRecord | None:
+        done = [r for r in self.references if r.status == "completed"]
+        return done[0] if len(done) == 1 else None
 
 
 def analyse(directory: Path, baseline: str | None = None) -> Analysis:
     directory = Path(directory)
-    runs = load_runs(directory)
+    sweep = _read_json(directory / SWEEP_FILE) or {}
+    trials = sweep.get("trials")
+    everything = load_runs(directory, trials)
+    runs = [r for r in everything if r.strategy != REFERENCE]
     if not runs:
         raise UserError(f"{directory} holds no runs (expected {directory}/runs/<id>/summary.json)")
-    sweep = _read_json(directory / SWEEP_FILE) or {}
     strategies = list(dict.fromkeys(r.strategy for r in runs))
     baseline = baseline or sweep.get("baseline") or strategies[0]
     if baseline not in strategies:
         raise UserError(f"baseline {baseline!r} is not a strategy of {directory} (strategies: {', '.join(strategies)})")
     completed = [r for r in runs if r.status == "completed"]
     task = (completed[0].summary or {}).get("task", "instruction") if completed else "instruction"
-    quality, higher = ("accuracy", True) if task == "classification" else ("eval_loss", False)
+    quality = QUALITY_METRICS.get(task, ("eval_loss",))[0]
     rows = [result_row(r) for r in runs]
     grid_keys = list(dict.fromkeys(k for r in runs for k in r.grid))
     metrics = [m for m in AGGREGATED if any(isinstance(row.get(m), (int, float)) for row in rows)]
-    groups = aggregate(rows, metrics, baseline=baseline, quality=quality, higher_is_better=higher)
-    return Analysis(sweep.get("name") or directory.name, runs, rows, groups, baseline, quality, higher, task,
-                    grid_keys, sweep)
+    groups = aggregate(rows, metrics, baseline=baseline, quality=quality)
+    aliases = _aliases(trials or [])
+    skip = {frozenset((group_label(a, g.grid), group_label(b, g.grid))) for a, b in aliases.items() for g in groups}
+    comparisons = [c for metric in QUALITY_METRICS.get(task, ("eval_loss",))
+                   for c in compare_all(groups, metric, higher_is_better=HIGHER_IS_BETTER[metric], skip=skip)]
+    mark_pareto(groups, quality, comparisons)
+    return Analysis(sweep.get("name") or directory.name, runs, rows, groups, baseline, quality,
+                    HIGHER_IS_BETTER[quality], task, grid_keys, sweep,
+                    references=[r for r in everything if r.strategy == REFERENCE], comparisons=comparisons,
+                    strays=stray_folders(directory, trials), aliases=aliases)
+
+
+def _aliases(trials: list[dict[str, Any]]) -> dict[str, str]:
+    """strategy -> the earlier strategy whose runs it shares (every one of its trials an alias of that one's)."""
+    owner = {t["run_id"]: t["strategy"] for t in trials}
+    targets: dict[str, set[str | None]] = {}
+    for trial in trials:
+        targets.setdefault(trial["strategy"], set()).add(owner.get(trial.get("alias_of")))
+    return {strategy: next(iter(found)) for strategy, found in targets.items() if len(found) == 1 and None not in found}
 
 
 def make_report(directory: str | Path, baseline: str | None = None) -> dict[str, Path]:
-    """Write results.csv, summary.csv, figures/*.png, report.md and report.html into ``directory``."""
+    """Write results.csv, summary.csv, comparisons.csv, figures/*.png, report.md and report.html."""
     directory = Path(directory)
     analysis = analyse(directory, baseline)
     write_csv(directory / "results.csv", analysis.rows, result_columns(analysis.rows, analysis.grid_keys))
     metrics = [m for m in AGGREGATED if any(m in g.stats for g in analysis.groups)]
     rows, columns = summary_rows(analysis.groups, metrics, analysis.grid_keys)
-    write_csv(directory / "summary.csv", rows, columns)
+    write_csv(directory / "summary.csv", rows + reference_rows(analysis, metrics), columns)
+    write_csv(directory / "comparisons.csv", verdicts.comparison_rows(analysis.comparisons), verdicts.COLUMNS)
     figure_paths = _figures(analysis, directory / "figures")
     blocks = document(analysis, figure_paths, directory)
     _write_text_atomic(directory / "report.md", render_markdown(blocks))
     _write_text_atomic(directory / "report.html", render_html(blocks, directory, analysis.name))
     return {"results": directory / "results.csv", "summary": directory / "summary.csv",
-            "markdown": directory / "report.md", "html": directory / "report.html"}
+            "comparisons": directory / "comparisons.csv", "markdown": directory / "report.md",
+            "html": directory / "report.html"}
+
+
+def reference_rows(a: Analysis, metrics: list[str]) -> list[dict[str, Any]]:
+    """summary.csv rows for the untrained base model (one evaluation: a mean with n = 1, no interval)."""
+    rows = []
+    for run in a.references:
+        row = result_row(run)
+        rows.append({"group": REFERENCE, "strategy": REFERENCE, "n_runs": 1, "n_completed": int(run.status == "completed"),
+                     "excluded_runs": "" if run.status == "completed" else f"{run.run_id} ({run.status})",
+                     **{f"{m}_mean": row.get(m) for m in metrics if isinstance(row.get(m), (int, float))}})
+    return rows
 
 
 def quality_label(quality: str, task: str) -> str:
@@ -251,14 +318,20 @@ def _figures(analysis: Analysis, folder: Path) -> list[tuple[Path, str]]:
         label = group_label(run.strategy, run.grid)
         curves.setdefault(label, []).append(read_metrics(run.directory))
         placements.setdefault(label, (run.summary or {}).get("placement") or [])
+    reference = analysis.reference
+    base = ((reference.summary or {}).get("metrics") or {}) if reference is not None else {}
     made = [
         (figures.quality_vs_params(groups, analysis.quality, quality_label(analysis.quality, analysis.task),
-                                   analysis.higher_is_better, folder / "quality_vs_params.png"),
-         "Quality against trainable parameters (log scale); dashed: the Pareto frontier."),
+                                   analysis.higher_is_better, folder / "quality_vs_params.png",
+                                   reference=base.get(analysis.quality)),
+         "Quality against trainable parameters (log scale; bars: 95% CI of the mean over seeds); dashed: the Pareto "
+         "frontier, which a strategy leaves only when a cheaper one is better by a separated paired comparison; "
+         "dotted: the untrained base model."),
         (figures.time_and_memory(groups, "/".join(sorted(memory_kinds)) or "unknown", folder / "time_memory.png"),
-         "Training time and peak memory per strategy."),
-        (figures.loss_curves(curves, loss_unit, folder / "loss_curves.png"),
-         "Training and evaluation loss per strategy."),
+         "Training time and peak memory per strategy: median over seeds, whiskers from the lowest to the highest."),
+        (figures.loss_curves(curves, loss_unit, folder / "loss_curves.png", reference=base.get("eval_loss")),
+         "Training loss (token-weighted running mean: length-grouped batches make single-step losses swing) and "
+         "evaluation loss through training, from the untrained base model at step 0."),
         (figures.rank_heatmaps(placements, folder / "rank_heatmap.png"),
          "LoRA rank per layer and module for each LoRA strategy."),
     ]
@@ -267,12 +340,14 @@ def _figures(analysis: Analysis, folder: Path) -> list[tuple[Path, str]]:
 
 def document(analysis: Analysis, figure_paths: list[tuple[Path, str]], directory: Path) -> list[Block]:
     blocks: list[Block] = [("h1", f"{analysis.name}: which strategy, and by how much")]
+    blocks += verdicts.verdict_blocks(analysis)
     blocks += setup_blocks(analysis)
     blocks += [("h2", "What this data can and cannot say"), ("ul", warning_lines(analysis))]
-    blocks += [("h2", "Summary (mean over completed seeds, ± half-width of the 95% Student-t interval)"),
-               summary_table(analysis)]
-    blocks += [("p", "Full tables: results.csv (one row per run) and summary.csv (per strategy: mean, std, "
-                     "95% CI and n of every metric, changes against the baseline, Pareto flags).")]
+    blocks += [("h2", "Summary (quality: mean over completed seeds ± half-width of the 95% Student-t interval; "
+                      "time and memory: median (min-max))"), summary_table(analysis)]
+    blocks += [("p", "Full tables: results.csv (one row per run), summary.csv (per strategy: mean, std, 95% CI and n "
+                     "of every metric, changes against the baseline, Pareto flags) and comparisons.csv (every pair "
+                     "of strategies on every quality metric, paired by seed).")]
     blocks += [("h2", "Figures")]
     for path, caption in figure_paths:
         blocks.append(("img", path.relative_to(directory).as_posix(), caption))
@@ -342,26 +417,53 @@ def _shared(values: list[Any]) -> Any:
 
 def warning_lines(a: Analysis) -> list[str]:
     lines = []
-    excluded = [r for r in a.runs if r.status != "completed"]
-    for run in excluded:
+    if a.sweep.get("trials") is None:
+        lines.append("sweep.json lists no trials (a sweep folder from an older peftlab): every folder under runs/ is "
+                     "included, whatever sweep file made it.")
+    if a.strays:
+        lines.append(f"{len(a.strays)} folder(s) under runs/ are not part of this sweep file (an earlier version of "
+                     f"it, say) and are not in any table: {', '.join(a.strays)}.")
+    for run in [r for r in a.runs + a.references if r.status != "completed"]:
         lines.append(f"{run.run_id} is {run.status} and is excluded from every mean: {run.reason}")
-    lines += separation_warnings(a.groups, a.quality)
+    lines += one_seed_warnings(a.groups, a.quality)
     lines += majority_class_warnings(a)
-    eval_sizes = sorted({r["eval_examples"] for r in a.rows if r.get("eval_examples")})
-    if eval_sizes and min(eval_sizes) < SMALL_EVAL:
-        lines.append(f"Runs were evaluated on only {min(eval_sizes)} examples (fewer than {SMALL_EVAL}): small "
-                     "differences are within evaluation noise, and this data cannot separate strategies that close.")
+    lines += regime_warnings(a)
     runner = {w for r in a.runs for w in (r.summary or {}).get("warnings", []) if "eval examples" not in w}
     lines += [f"runner: {w}" for w in sorted(runner)]
+    lines += load_warnings(a)
     kinds = {r.get("memory_kind") for r in a.rows if r.get("memory_kind")}
     if kinds & {"peak_rss", "process_peak_rss"}:
         lines.append("Peak memory on CPU is the process's peak resident set size: it includes the frozen base "
                      "model, a local sweep's cached copy of it, and memory the process kept from earlier runs, so "
                      "runs later in a sweep can read higher; treat CPU memory differences as rough (a GPU's "
                      "cuda_max_allocated is measured per run).")
-    if not lines:
-        lines.append("No warnings: every run completed, and the 95% intervals of the quality metric do not overlap.")
+    return lines or ["No warnings: every run completed."]
+
+
+def regime_warnings(a: Analysis) -> list[str]:
+    """Small eval sets and short training: what the ordering of strategies may not carry over to."""
+    lines = []
+    eval_sizes = sorted({r["eval_examples"] for r in a.rows if r.get("eval_examples")})
+    if eval_sizes and min(eval_sizes) < SMALL_EVAL:
+        lines.append(f"Runs were evaluated on only {min(eval_sizes)} examples (fewer than {SMALL_EVAL}): small "
+                     "differences are within evaluation noise.")
+    steps = [r["steps"] for r in a.rows if isinstance(r.get("steps"), int)]
+    if steps and min(steps) < SHORT_TRAINING_STEPS:
+        lines.append(f"Runs trained for as few as {min(steps)} optimizer steps (fewer than {SHORT_TRAINING_STEPS}): "
+                     "an ordering of strategies this early may not hold for a full fine-tune.")
     return lines
+
+
+def load_warnings(a: Analysis) -> list[str]:
+    """Name runs during which the machine was busier than its cores: their times are not comparable."""
+    busy = [(r["run_id"], r["load_avg_max"], r.get("cpu_count")) for r in a.rows
+            if isinstance(r.get("load_avg_max"), (int, float)) and isinstance(r.get("cpu_count"), int)
+            and r["load_avg_max"] > r["cpu_count"] + 0.5]
+    if not busy:
+        return []
+    worst = max(busy, key=lambda item: item[1])
+    return [f"The machine was shared during {len(busy)} run(s) (1-minute load average up to {worst[1]:.1f} on "
+            f"{worst[2]} CPUs, in {worst[0]}): their time and tokens/s are not comparable with the other runs'."]
 
 
 def summary_table(a: Analysis) -> Block:
@@ -379,8 +481,14 @@ def summary_table(a: Analysis) -> Block:
             _pct(c.get(f"{a.quality}_change_pct")), *[fmt_stat(g.stats.get(m)) for m in extra],
             f"{params:,.0f}" if params is not None else "-", _num(g.mean("percent_trainable"), "{:.3f}%"),
             _pct(c.get("param_reduction_pct")), _num(c.get("efficiency_ratio"), "{:+.4g}"),
-            fmt_stat(g.stats.get("train_seconds"), 3), fmt_stat(g.stats.get("peak_memory_mb"), 4),
+            fmt_spread(g.spreads.get("train_seconds"), "{:.3g}"), fmt_spread(g.spreads.get("peak_memory_mb"), "{:.0f}"),
             f"{'yes' if g.pareto.get('params') else 'no'} / {'yes' if g.pareto.get('time') else 'no'}"])
+    reference = a.reference
+    if reference is not None:
+        row = result_row(reference)
+        rows.append([f"{REFERENCE} (untrained, step 0)", "1/1", _num(row.get(a.quality), "{:.4g}"), "-",
+                     *[_num(row.get(m), "{:.4g}") for m in extra], "0", "0.000%", "-", "-", "-",
+                     _num(row.get("peak_memory_mb"), "{:.0f}"), "-"])
     return ("table", headers, rows)
 
 
@@ -409,6 +517,14 @@ def _pct(value: float | None) -> str:
 
 def _num(value: Any, form: str) -> str:
     return "-" if not isinstance(value, (int, float)) else form.format(value)
+
+
+def fmt_spread(summary: Spread | None, form: str) -> str:
+    if summary is None:
+        return "-"
+    if summary.n == 1:
+        return form.format(summary.median) + " (1 run)"
+    return f"{form.format(summary.median)} ({form.format(summary.low)}-{form.format(summary.high)})"
 
 
 def fmt_stat(stat: Stat | None, digits: int = 4) -> str:

@@ -11,13 +11,19 @@ Sweep file (YAML)::
     seeds: [42, 43, 44]                  # sets train.seed (default: the base config's seed)
     baseline: all_linear                 # relative changes are against it (default: the first strategy)
 
-Each trial gets a stable id (strategy, grid values, seed and a short hash of those overrides) and lives
-in ``DIR/runs/<id>/``. ``--set`` overrides apply to every trial, after the strategy and grid.
+Each trial gets a stable id (strategy, grid values, seed and a short hash of everything that makes its
+config in the sweep file: base, strategy overrides, grid values, seed) and lives in ``DIR/runs/<id>/``; editing the sweep file gives
+the changed trials new ids, so a resumed sweep never mixes old and new runs. ``DIR/sweep.json`` lists the
+trials of the current sweep file: the report covers those and no other folder under ``DIR/runs``.
+Two strategies whose resolved configs are identical are trained once: the later one is an alias of the
+earlier (``alias_of``) and is reported under both names. Every sweep also evaluates the untrained base
+model once (a reference trial, ``base_model__<hash>``) on the same eval set: the step-0 row of the report,
+and the yardstick for a collapsed run. ``--set`` overrides apply to every trial, after the strategy and grid.
 Relative paths (``base``, ``model``, ``data.source``, ``method.ranks.file``) are read relative to the
 sweep file when such a file exists there, else relative to the current folder, and stored absolute.
 
-Resume: a trial whose summary.json says completed or diverged is done (a divergence is a result, and
-deterministic: rerunning it would diverge again; delete its dir to redo it). A trial with a
+Resume: a trial whose summary.json says completed, diverged or collapsed is done (a divergence is a
+result, and deterministic: rerunning it would diverge again; delete its dir to redo it). A trial with a
 checkpoint continues from it; any other partial trial dir (killed before its first checkpoint, or
 failed) is cleared and restarted, so metrics.jsonl never holds two attempts.
 """
@@ -42,7 +48,7 @@ from .config import RunConfig, apply_overrides, config_to_dict, from_dict, load_
 from .errors import UserError
 
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
-DONE_STATUSES = ("completed", "diverged")
+DONE_STATUSES = ("completed", "diverged", "collapsed")  # results: rerunning would end the same way
 SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the resolved sweep, read back by `peftlab report`
 TRIAL_FILE = "sweep_run.json"  # DIR/runs/<id>/sweep_run.json: which strategy, grid values and seed
 _PATH_KEYS = ("model", "data.source", "method.ranks.file")
@@ -64,6 +70,9 @@ class SweepSpec:
                 "seeds": self.seeds, "baseline": self.baseline, "overrides": self.overrides}
 
 
+REFERENCE = "base_model"  # the strategy name of the untrained base model's evaluation
+
+
 @dataclass
 class Trial:
     run_id: str
@@ -73,11 +82,17 @@ class Trial:
     seed: int
     config: RunConfig
     out_dir: Path
+    alias_of: str | None = None  # run id of an earlier trial with an identical config: trained once
+    reference: str | None = None  # run id of the base-model evaluation on this trial's eval set
+
+    @property
+    def is_reference(self) -> bool:
+        return self.strategy == REFERENCE
 
     def info(self) -> dict[str, Any]:
-        """What the report needs to group this trial, stored beside its results."""
+        """What the report needs to group this trial, stored beside its results and in sweep.json."""
         return {"run_id": self.run_id, "strategy": self.strategy, "strategy_index": self.strategy_index,
-                "grid": self.grid, "seed": self.seed}
+                "grid": self.grid, "seed": self.seed, "alias_of": self.alias_of, "reference": self.reference}
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -111,8 +126,15 @@ def parse_sweep(raw: dict[str, Any], *, name: str = "sweep", directory: Path = P
     baseline = raw.get("baseline", next(iter(strategies)))
     if baseline not in strategies:
         raise UserError(_choice(f"baseline {baseline!r} is not a strategy", str(baseline), list(strategies)))
-    return SweepSpec(name=str(raw.get("name") or name), base=base, strategies=strategies, grid=grid,
+    return SweepSpec(name=safe_name(str(raw.get("name") or name), "sweep name"), base=base, strategies=strategies, grid=grid,
                      seeds=seeds, baseline=baseline, overrides=overrides, directory=directory)
+
+
+def safe_name(name: str, what: str) -> str:
+    """A name that becomes a folder: letters, digits and _ . + -, never '.' or '..' (it must stay inside its parent)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or set(name) == {"."}:
+        raise UserError(f"{what} {name!r}: use letters, digits and _ . + - only, not only dots (it names a folder)")
+    return name
 
 
 def _load_base(base: Any, directory: Path) -> dict[str, Any]:
@@ -134,8 +156,9 @@ def _parse_strategies(strategies: Any) -> dict[str, dict[str, Any]]:
                         "{attention_only: {method.placement: attention_only}}")
     parsed = {}
     for name, bundle in strategies.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
-            raise UserError(f"strategy name {name!r}: use letters, digits and _ . + - only (it names a folder)")
+        safe_name(str(name), "strategy name")
+        if str(name) == REFERENCE:
+            raise UserError(f"strategy name {REFERENCE!r} is reserved for the untrained base model's row; rename it")
         if bundle is not None and not isinstance(bundle, dict):
             raise UserError(f"strategy {name}: overrides must be a mapping of dotted keys to values")
         parsed[str(name)] = flatten(bundle or {})
@@ -196,21 +219,44 @@ def _choice(message: str, value: str, choices: list[str]) -> str:
 
 
 def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
-    """Every (strategy, grid combination, seed), in file order; configs validated here, before any run."""
+    """The reference trials, then every (strategy, grid combination, seed) in file order.
+
+    Configs are validated here, before any run. A trial whose resolved config equals an earlier
+    trial's becomes its alias (trained once, reported under both names).
+    """
     out = Path(out).absolute()  # Ray workers may start in another folder
     keys = list(spec.grid)
-    trials, seen = [], {}
+    trials: list[Trial] = []
+    by_config: dict[str, str] = {}
     for index, (strategy, bundle) in enumerate(spec.strategies.items()):
         for combination in itertools.product(*(spec.grid[k] for k in keys)):
             grid_values = dict(zip(keys, combination))
             for seed in spec.seeds:
-                run_id = trial_id(strategy, grid_values, seed, bundle)
-                if run_id in seen:  # only if two strategies share a name after sanitising: impossible today
-                    raise UserError(f"two trials share the id {run_id}")
-                seen[run_id] = True
+                # --set is left out of the id: a resume with other --set values is refused by plan()
+                run_id = trial_id(strategy, grid_values, seed, {"strategy": bundle, "base": spec.base})
                 config = _trial_config(spec, strategy, bundle, grid_values, seed)
-                trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id))
-    return trials
+                fingerprint = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+                alias_of = by_config.setdefault(fingerprint, run_id)
+                trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id,
+                                    alias_of=None if alias_of == run_id else alias_of))
+    return _reference_trials(trials, out) + trials
+
+
+def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
+    """One untrained base-model evaluation per distinct (model, task, data); each trial points at its own.
+
+    It uses the first trial's config with that eval set (its seed draws a classification head, which
+    is new and untrained, the same way the first seed's runs draw theirs).
+    """
+    references: dict[str, Trial] = {}
+    for trial in trials:
+        key = json.dumps({"model": trial.config.model, "task": trial.config.task,
+                          "data": config_to_dict(trial.config.data)}, sort_keys=True, default=str)
+        if key not in references:
+            run_id = f"{REFERENCE}__{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+            references[key] = Trial(run_id, REFERENCE, -1, {}, trial.seed, trial.config, out / "runs" / run_id)
+        trial.reference = references[key].run_id
+    return list(references.values())
 
 
 def _trial_config(spec: SweepSpec, strategy: str, bundle: dict[str, Any], grid_values: dict[str, Any],
@@ -248,8 +294,9 @@ def _resolve_paths(data: dict[str, Any], directory: Path) -> None:
 def trial_id(strategy: str, grid_values: dict[str, Any], seed: int, bundle: dict[str, Any]) -> str:
     """Readable and stable: ``<strategy>[__<key>-<value>...]__seed<N>__<hash8>``.
 
-    The hash covers the strategy's overrides, the grid values and the seed (sha256 of sorted JSON,
-    never Python's salted hash), so editing a strategy's content gives its trials new ids.
+    The hash covers ``bundle`` (what the sweep file says: the strategy's overrides and the base config),
+    the grid values and the seed (sha256 of sorted JSON, never Python's salted hash), so editing
+    any of them gives the trials new ids, while a moved checkout keeps them.
     """
     parts = [strategy] + [f"{key.rsplit('.', 1)[-1]}-{_slug(value)}" for key, value in grid_values.items()]
     parts.append(f"seed{seed}")
@@ -290,6 +337,7 @@ def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, b
 
     Nothing is deleted until every check has passed, so a refused --resume leaves DIR untouched.
     """
+    trials = [t for t in trials if t.alias_of is None]  # an alias reads its original's folder
     statuses = {t.run_id: trial_status(t.out_dir) for t in trials}
     if any(status != "new" for status in statuses.values()) and not resume:
         raise UserError(f"{out} already holds this sweep's runs; pass --resume to continue it, or choose another --out")
@@ -327,5 +375,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(temporary, path)
 
 
-def write_sweep_file(spec: SweepSpec, out: Path) -> None:
-    write_json_atomic(out / SWEEP_FILE, spec.as_json())
+def write_sweep_file(spec: SweepSpec, trials: list[Trial], out: Path) -> None:
+    """The resolved sweep and its trial list: what ``peftlab report`` covers, and nothing else."""
+    write_json_atomic(out / SWEEP_FILE, {**spec.as_json(), "trials": [t.info() for t in trials]})

@@ -59,5 +59,5 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def _print_paths(paths: dict[str, Path]) -> None:
-    for key in ("markdown", "html", "summary", "results"):
-        print(f"{key:>8}: {paths[key]}", file=sys.stdout)
+    for key in ("markdown", "html", "summary", "comparisons", "results"):
+        print(f"{key:>11}: {paths[key]}", file=sys.stdout)

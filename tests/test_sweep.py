@@ -12,11 +12,18 @@ import yaml
 from peftlab import executors
 from peftlab.config import config_to_dict
 from peftlab.errors import UserError
-from peftlab.sweep import expand, load_sweep, parse_sweep, plan, trial_id, trial_status
+from peftlab.report import make_report
+from peftlab.sweep import expand as expand_all
+from peftlab.sweep import load_sweep, parse_sweep, plan, trial_id, trial_status
 from peftlab.sweep_cli import add_commands
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SWEEP_EXAMPLES = ["selective_placement", "adaptive_ranks", "methods_classification", "lora_vs_full"]
+
+
+def expand(spec, out):
+    """The strategy trials (expand_all puts the base-model reference trials first)."""
+    return [t for t in expand_all(spec, out) if not t.is_reference]
 
 
 def _spec(**raw):
@@ -72,6 +79,10 @@ SWEEP_MISTAKES = [
     ({"strategies": {"a": {"method.ranks.r": 4}}, "grid": {"method.ranks.r": [8]}}, "set it in one place"),
     ({"strategies": {"bad": {"method.placment": "mlp_only"}}}, "strategy bad: unknown config key method.placment"),
     ({"strategies": {"bad": {"method.placement": "attn"}}}, "strategy bad: method.placement"),
+    ({"name": "../../x"}, "sweep name '../../x'"),  # the default output folder must stay inside runs/
+    ({"name": ".."}, "not only dots"),
+    ({"strategies": {"..": {}}}, "strategy name '..'"),
+    ({"strategies": {"base_model": {}}}, "reserved for the untrained base model"),
 ]
 
 
@@ -104,6 +115,10 @@ def test_missing_sweep_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_sweep(tmp_path / "bad.yaml")
+    # YAML keeps the last of two equal keys without a word: a strategy given twice is an error instead
+    (tmp_path / "twice.yaml").write_text("strategies:\n  a: {train.lr: 0.1}\n  b: {}\n  a: {train.lr: 0.2}\n")
+    with pytest.raises(UserError, match=r"'a' is given twice in one mapping .*line 4"):
+        load_sweep(tmp_path / "twice.yaml")
 
 
 @pytest.mark.parametrize("name", SWEEP_EXAMPLES)
@@ -187,11 +202,13 @@ class FakeRunner:
     """Writes what run_experiment writes; a strategy named fail* raises, diverge* diverges."""
 
     def __init__(self, interrupt_at=None):
-        self.calls, self.interrupt_at = [], interrupt_at
+        self.calls, self.interrupt_at, self.references = [], interrupt_at, []
 
-    def __call__(self, config, out_dir, *, resume=False, echo=True, on_step=None, model_cache=None):
+    def __call__(self, config, out_dir, *, resume=False, echo=True, on_step=None, model_cache=None,
+                 reference_eval_loss=None):
         out_dir = Path(out_dir)
         self.calls.append(out_dir.name)
+        self.references.append(reference_eval_loss)
         if self.interrupt_at == out_dir.name:
             (out_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n')
             raise KeyboardInterrupt
@@ -210,18 +227,81 @@ class FakeRunner:
         return summary
 
 
+def fake_reference(config, out_dir, *, echo=True, model_cache=None):
+    """Writes what evaluate_reference writes: the untrained model's eval, method none."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "completed", "name": out_dir.name, "task": config.task, "method": "none",
+               "metrics": {"eval_loss": 3.0}, "params": {"trainable": 0, "total": 100, "percent": 0.0},
+               "resources": {}, "data": {"eval_examples": 6}, "placement": [], "warnings": []}
+    (out_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+@pytest.fixture(autouse=True)
+def _fake_reference_unless_real(request, monkeypatch):
+    """Tests that fake the runner fake the base-model evaluation too; end-to-end tests run both for real."""
+    if "tiny_llama_dir" not in request.fixturenames:
+        monkeypatch.setattr(executors, "_run_reference", lambda: fake_reference)
+
+
 def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     runner = FakeRunner()
     monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
-    spec = _spec(strategies={"fail": {}, "diverge": {}, "ok": {}}, seeds=[1])
+    spec = _spec(strategies={"fail": {"train.lr": 1e-3}, "diverge": {"train.lr": 2e-3}, "ok": {}}, seeds=[1])
     summaries = executors.run_sweep(spec, tmp_path, progress=lambda _: None)
     assert [s["status"] for s in summaries] == ["failed", "diverged", "completed"]
+    assert runner.references == [3.0, 3.0, 3.0]  # every run gets the base model's eval loss for its collapse check
     failed = json.loads(next((tmp_path / "runs").glob("fail*/summary.json")).read_text())
     assert failed["error"] == "RuntimeError: CUDA out of memory (pretend)" and failed["sweep"]["strategy"] == "fail"
     # resume: the failed run is retried, the diverged and completed ones are not
     runner.calls.clear()
     executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
     assert [c.split("__")[0] for c in runner.calls] == ["fail"]
+
+
+def test_identical_configs_are_trained_once_and_reported_under_each_name(tmp_path, monkeypatch):
+    """Seed 000's attention_only and attention_only_budget resolve to the same config: train it once."""
+    runner = FakeRunner()
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    spec = _spec(strategies={"attn": {"method.placement": "attention_only"},
+                             "attn_again": {"method": {"placement": "attention_only"}}, "mlp": {"method.placement": "mlp_only"}},
+                 seeds=[1, 2])
+    trials = expand(spec, tmp_path)
+    assert [t.alias_of for t in trials[2:4]] == [t.run_id for t in trials[:2]] and trials[4].alias_of is None
+    messages = []
+    summaries = executors.run_sweep(spec, tmp_path, progress=messages.append)
+    assert len(runner.calls) == 4 and len(summaries) == 6 and summaries[2] == summaries[0]
+    assert "identical configs trained once and reported under each name: attn_again = attn" in messages[0]
+    listed = json.loads((tmp_path / "sweep.json").read_text())["trials"]
+    assert [t["alias_of"] for t in listed if t["strategy"] == "attn_again"] == [t.run_id for t in trials[:2]]
+    make_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "attn_again = attn" in text and "attn and attn_again" not in text  # never compared with itself
+    summary = {r["group"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert summary["attn_again"]["eval_loss_mean"] == summary["attn"]["eval_loss_mean"]
+    assert summary["attn_again"]["pareto_quality_vs_params"] == summary["attn"]["pareto_quality_vs_params"]
+
+
+def test_editing_the_sweep_file_gives_new_ids_and_the_report_never_mixes_old_runs(tmp_path, monkeypatch):
+    """The seeds' trap: a strategy edited between runs ended with n=4 of 3 seeds, mixing r=4 and r=5."""
+    runner = FakeRunner()
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    old = _spec(strategies={"a": {"method.ranks.r": 4}, "b": {}}, seeds=[1, 2, 3])
+    executors.run_sweep(old, tmp_path, progress=lambda _: None)
+    edited = _spec(strategies={"a": {"method.ranks.r": 5}, "b": {}}, seeds=[1, 2, 3])
+    runner.calls.clear()
+    executors.run_sweep(edited, tmp_path, resume=True, progress=lambda _: None)
+    assert [c.split("__")[0] for c in runner.calls] == ["a", "a", "a"]  # b kept, a rerun under new ids
+    make_report(tmp_path)
+    summary = {r["group"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert summary["a"]["n_runs"] == "3" and summary["b"]["n_runs"] == "3"
+    results = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(results) == 6 and all(r["run_id"] not in {t.run_id for t in expand(old, tmp_path)[:3]} for r in results)
+    assert "3 folder(s) under runs/ are not part of this sweep file" in (tmp_path / "report.md").read_text()
+    edited_base = _spec(strategies={"a": {"method.ranks.r": 5}, "b": {}}, seeds=[1, 2, 3],
+                        base={"model": "m", "train": {"max_steps": 3}})
+    assert not {t.run_id for t in expand(edited_base, tmp_path)} & {t.run_id for t in expand(edited, tmp_path)}
 
 
 def test_user_error_in_a_run_stops_the_sweep_with_its_id(tmp_path, monkeypatch):
