@@ -37,8 +37,9 @@ class EvalResult:
     def as_metrics(self) -> dict[str, float]:
         metrics = {"eval_loss": self.loss, "eval_units": self.units}
         for key in ("perplexity", "accuracy", "macro_f1"):
-            if getattr(self, key) is not None:
-                metrics[key] = getattr(self, key)
+            value = getattr(self, key)
+            if value is not None and math.isfinite(value):  # exp of a huge loss overflows: absent, not inf
+                metrics[key] = value
         return metrics
 
 

@@ -1,11 +1,19 @@
-"""Device choice, seeding and resource measurements (peak memory, environment)."""
+"""Device choice, seeding and resource measurements (peak memory, load, environment, provenance)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
 import platform
 import random
 import resource
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +81,16 @@ def _vm_hwm_kb() -> int | None:
     return None
 
 
-def environment(device: torch.device) -> dict[str, str]:
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device and software: versions, and the peftlab checkout's commit when run from one."""
     import transformers
 
     import peftlab
@@ -90,7 +107,99 @@ def environment(device: torch.device) -> dict[str, str]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info.update(_package_versions("peft", "datasets"))
+    info.update(source_checkout())
     return info
+
+
+def _package_versions(*names: str) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@functools.lru_cache(maxsize=1)
+def source_checkout() -> dict[str, Any]:
+    """{"git_commit", "git_dirty"} of the git checkout peftlab is imported from; {} if none or no git.
+
+    Read once per process: the code that runs is the code imported at start, whatever is
+    committed later. The package's own files must be tracked, so an installed copy that merely
+    lies inside some other repository (a venv in a project) does not report that repository.
+    """
+    package = Path(__file__).resolve().parent
+    try:
+        _git(package, "ls-files", "--error-unmatch", Path(__file__).name)
+        commit = _git(package, "rev-parse", "HEAD").strip()
+        # no optional locks: a run must never hold the index lock against a concurrent git command
+        dirty = bool(_git(package, "--no-optional-locks", "status", "--porcelain").strip())
+    except (OSError, subprocess.SubprocessError):  # not a checkout, git missing, or git too slow
+        return {}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _git(directory: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                          check=True, timeout=10).stdout
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+_MODEL_HASHES: dict[tuple, str] = {}  # (path, size, mtime) of each weight file -> digest: a sweep hashes once
+
+
+def model_sha256(source: str) -> str | None:
+    """sha256 over the weight files of a model folder (or a hub id's cached snapshot); None if none.
+
+    Files (*.safetensors, *.bin, *.gguf, *.pt) in name order, each as its name then its bytes.
+    """
+    folder = _model_folder(source)
+    files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file()) if folder else []
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _MODEL_HASHES:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        _MODEL_HASHES[key] = digest.hexdigest()
+    return _MODEL_HASHES[key]
+
+
+def _model_folder(source: str) -> Path | None:
+    if Path(source).is_dir():
+        return Path(source)
+    try:  # a hub id: the snapshot from_pretrained read, if it is in the local cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - provenance is best effort; a run never fails for it
+        return None
+
+
+def data_sha256(train: list[dict], eval_examples: list[dict]) -> str:
+    """sha256 of json.dumps({"eval": eval, "train": train}, sort_keys=True, separators=(",", ":")).
+
+    The tokenized examples actually used, so a different split, seed, tokenizer or max_length shows.
+    Written piece by piece (the same bytes) so a large data set is never one giant string.
+    """
+    digest = hashlib.sha256()
+    for name, examples in (("eval", eval_examples), ("train", train)):
+        digest.update(('{"eval":[' if name == "eval" else '],"train":[').encode())
+        for index, example in enumerate(examples):
+            text = json.dumps(example, sort_keys=True, separators=(",", ":"), default=_plain)
+            digest.update((("," if index else "") + text).encode())
+    digest.update(b"]}")
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)  # numpy / torch scalars and arrays
 
 
 def _cpu_name() -> str:

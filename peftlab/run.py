@@ -6,14 +6,16 @@ Output directory:
   summary.json     status, metrics, parameters, resources, placement and per-module ranks
   adapter/         LoRA runs: the adapter in HF peft format
   trainable.safetensors  other methods (and fused-slice LoRA): the trained parameters
+                   (neither for a diverged or collapsed run: its weights are not worth keeping)
   train.log        messages, including the placement map
-  checkpoint.pt    the latest checkpoint (removed once the run completes)
+  checkpoint.pt    the latest checkpoint (removed once training has run to its end)
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -28,44 +30,42 @@ from .checkpoint import CHECKPOINT_FILE, has_checkpoint
 from .config import RunConfig, config_to_dict, from_dict
 from .data import TaskData, load_task_data
 from .errors import UserError
-from .evaluate import evaluate, generate_samples
+from .evaluate import EvalResult, generate_samples
 from .export import export_peft_adapter
 from .methods import Prepared, prepare
 from .modelmap import build_model_map
 from .model_cache import BaseModelCache
-from .models import load_model, load_tokenizer
+from .models import CAUSAL_TASKS, LoadedModel, load_model, load_tokenizer
+from .params import count_params
 from .placement import format_placement_map
-from .resources import environment, peak_memory, reset_peak_memory, resolve_device, seed_everything
-from .tracking import MetricsLog
-from .train import TrainOutcome, autocast_for, eval_batches, train
+from .resources import (data_sha256, environment, load_average, model_sha256, peak_memory, reset_peak_memory,
+                        resolve_device, seed_everything)
+from .tracking import MetricsLog, finite_only
+from .train import TrainOutcome, eval_divergence, evaluate_on, train
 
 SMALL_EVAL_WARNING = 100  # fewer eval examples than this cannot separate close strategies
+COLLAPSE_MARGIN = 1.0  # nats worse than the untrained base model on the same eval set: collapsed
+UNIFORM_SLACK = 1e-3  # nats: float32 sums of a uniform model's losses land a hair off ln(V)
+FINISHED = ("completed", "collapsed")  # training ran to its end: --resume returns the summary
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, echo: bool = True,
-                   on_step: Any = None, model_cache: BaseModelCache | None = None) -> dict[str, Any]:
+                   on_step: Any = None, model_cache: BaseModelCache | None = None,
+                   reference_eval_loss: float | None = None) -> dict[str, Any]:
     """Run one experiment into ``out_dir`` and return its summary (also written to summary.json).
 
     ``model_cache`` (sweeps) hands out copies of a base model loaded once; results are the same
     as loading from disk, because everything random after loading is seeded here.
+    ``reference_eval_loss``: the untrained base model's eval loss (``evaluate_reference``), so a
+    run that ends far worse than where it started is reported as collapsed (see ``check_collapse``).
     """
     out_dir = Path(out_dir)
     previous = _check_out_dir(config, out_dir, resume)
     if previous is not None:
         return previous
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log = MetricsLog(out_dir, echo=echo)
-    device = resolve_device(config.train.device)
-    started = time.time()
-
-    tokenizer = load_tokenizer(config.model)
-    data = load_task_data(config.data, config.task, tokenizer)
-    load = model_cache.get if model_cache is not None else load_model
-    loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
+    log, device, started = _start(config, out_dir, echo)
+    tokenizer, data, loaded = load_inputs(config, model_cache)
     model = loaded.model
-    seed_everything(config.train.seed)  # the new head's and the adapters' initial weights
-    reinitialize(model, loaded.new_weights)
     model_map = build_model_map(model, strict=config.method.targets is None)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
@@ -79,21 +79,120 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
                     device=device, log=log, checkpoint_dir=out_dir, resume=resume, on_step=on_step)
+    collapse = _mark_collapse(outcome, config.task, model, reference_eval_loss, log)
     if outcome.status == "completed" and config.train.train_eval_size:
-        outcome.train_eval = evaluate(model, eval_batches(data.train[: config.train.train_eval_size], config.train,
-                                                          tokenizer.pad_token_id, device),
-                                      config.task, autocast_for(device, config.train.precision))
+        outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
+                                         config.train, tokenizer.pad_token_id, device)
     samples = []
     if outcome.status == "completed" and config.task == "instruction" and config.train.num_samples:
         samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
                                    max_new_tokens=config.train.max_new_tokens, device=device)
-    artifacts = _save_trained(model, prepared, out_dir, loaded.source, config.task)
-    summary = _summary(config, out_dir, data, prepared, outcome, samples, artifacts, device, started)
-    _write_json_atomic(out_dir / "summary.json", summary)
-    if outcome.status == "completed" and has_checkpoint(out_dir):
+    # a diverged or collapsed model is not worth its disk space, nor safe to pick up by mistake
+    artifacts = (_save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
+                 else {"format": "none", "path": None, "bytes": 0, "note": f"not exported: {outcome.status}"})
+    summary = _summary(config, out_dir, data, prepared, outcome, samples, artifacts, device, started,
+                       _environment(device, loaded.source, data))
+    if collapse is not None:
+        summary["collapse"] = collapse
+    summary = _write_json_atomic(out_dir / "summary.json", summary)
+    if outcome.status in FINISHED and has_checkpoint(out_dir):
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary['status']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["metrics"].items()))
     return summary
+
+
+def check_collapse(task: str, eval_loss: float, vocab_size: int | None,
+                   reference_eval_loss: float | None = None) -> dict[str, Any] | None:
+    """Why a finished causal-task run counts as collapsed, or None: {"reason", "eval_loss", "threshold"}.
+
+    A model that predicts every token with probability 1/V scores ln(V): a final eval loss at or
+    above that has learned nothing a uniform guess does not know, whatever training reported, and
+    a run that ends COLLAPSE_MARGIN nats worse than the untrained base model (the sweep's reference)
+    has destroyed what the base model knew. Such runs must not be averaged in as results.
+    Classification is not judged here: a classifier stuck at the majority class shows against
+    the report's majority-class floor instead.
+    """
+    if task not in CAUSAL_TASKS:
+        return None
+    if vocab_size:
+        uniform = math.log(vocab_size)
+        if eval_loss >= uniform - UNIFORM_SLACK:
+            return {"reason": f"eval loss {eval_loss:.4f} is at or above uniform prediction, ln({vocab_size}) = "
+                              f"{uniform:.4f}", "eval_loss": eval_loss, "threshold": uniform}
+    if reference_eval_loss is not None and eval_loss > reference_eval_loss + COLLAPSE_MARGIN:
+        return {"reason": f"eval loss {eval_loss:.4f} is more than {COLLAPSE_MARGIN:g} nats above the untrained "
+                          f"base model's {reference_eval_loss:.4f}", "eval_loss": eval_loss,
+                "threshold": reference_eval_loss + COLLAPSE_MARGIN}
+    return None
+
+
+def _mark_collapse(outcome: TrainOutcome, task: str, model: torch.nn.Module, reference_eval_loss: float | None,
+                   log: MetricsLog) -> dict[str, Any] | None:
+    """Mark a completed outcome collapsed when ``check_collapse`` says so; return its collapse record."""
+    if outcome.status != "completed":
+        return None
+    collapse = check_collapse(task, outcome.final_eval.loss, output_vocab_size(model), reference_eval_loss)
+    if collapse is not None:
+        outcome.status = "collapsed"
+        log.message(f"collapsed: {collapse['reason']}")
+    return collapse
+
+
+def output_vocab_size(model: torch.nn.Module) -> int | None:
+    """How many tokens the model chooses between: its lm head's outputs (config.vocab_size otherwise)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(getattr(head, "out_features", None), int):
+        return head.out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = True,
+                       model_cache: BaseModelCache | None = None) -> dict[str, Any]:
+    """Evaluate the untrained base model on the run's eval set: the reference every strategy starts from.
+
+    Loaded exactly as ``run_experiment`` loads it (same data split, same seeded classification
+    head), but neither prepared nor trained. Writes summary.json (method "none", role "reference"),
+    config.yaml, metrics.jsonl (one eval record at step 0) and train.log. A finished reference of
+    the same config in ``out_dir`` is returned as it is, so a resumed sweep does not redo it.
+    """
+    out_dir = Path(out_dir)
+    previous = _check_out_dir(config, out_dir, resume=True)
+    if previous is not None:
+        if previous.get("role") != "reference":
+            raise UserError(f"{out_dir} holds a training run, not a reference evaluation; choose another folder")
+        return previous
+    for stale in ("metrics.jsonl", "train.log"):  # an earlier attempt's lines must not mix with this one's
+        (out_dir / stale).unlink(missing_ok=True)
+    log, device, started = _start(config, out_dir, echo)
+    tokenizer, data, loaded = load_inputs(config, model_cache)
+    model = loaded.model.to(device)
+    gc.collect()
+    reset_peak_memory(device)
+    result = evaluate_on(model, data.eval, config.task, config.train, tokenizer.pad_token_id, device)
+    reason = eval_divergence(result)
+    log.write({"step": 0, **result.as_metrics()})
+    summary = _reference_summary(config, out_dir, data, model, result, reason, device, started,
+                                 _environment(device, loaded.source, data))
+    summary = _write_json_atomic(out_dir / "summary.json", summary)
+    log.message(f"reference {summary['status']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["metrics"].items()))
+    return summary
+
+
+def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None) -> tuple[Any, TaskData, LoadedModel]:
+    """Tokenizer, task data and base model as a run sees them, with any new head drawn from the run's seed."""
+    tokenizer = load_tokenizer(config.model)
+    data = load_task_data(config.data, config.task, tokenizer)
+    load = model_cache.get if model_cache is not None else load_model
+    loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
+    seed_everything(config.train.seed)  # the new head's and (after this returns) the adapters' initial weights
+    reinitialize(loaded.model, loaded.new_weights)
+    return tokenizer, data, loaded
+
+
+def _start(config: RunConfig, out_dir: Path, echo: bool) -> tuple[MetricsLog, torch.device, float]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return MetricsLog(out_dir, echo=echo), resolve_device(config.train.device), time.time()
 
 
 def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:
@@ -130,7 +229,7 @@ def _check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> dict[str, 
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("status") == "completed":
+        if summary.get("status") in FINISHED:
             return summary
     return None
 
@@ -171,7 +270,8 @@ def _save_trained(model: torch.nn.Module, prepared: Prepared, out_dir: Path, sou
 
 
 def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,
-             samples: list[dict], artifacts: dict, device: torch.device, started: float) -> dict[str, Any]:
+             samples: list[dict], artifacts: dict, device: torch.device, started: float,
+             env: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if outcome.final_eval is not None:
         metrics.update(outcome.final_eval.as_metrics())
@@ -180,9 +280,6 @@ def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepare
     train_losses = [r["train_loss"] for r in outcome.history if "train_loss" in r]
     if train_losses:
         metrics["train_loss"] = train_losses[-1]
-    warnings = []
-    if len(data.eval) < SMALL_EVAL_WARNING:
-        warnings.append(f"only {len(data.eval)} eval examples: differences between strategies may be noise")
     return {
         "status": outcome.status,
         "name": config.name or out_dir.name,
@@ -195,21 +292,70 @@ def _summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepare
         "resources": {"train_seconds": outcome.state.train_seconds, "train_tokens": outcome.state.train_tokens,
                       "tokens_per_s": outcome.tokens_per_s, "steps": outcome.state.step,
                       "total_steps": outcome.total_steps, "adapter_bytes": artifacts["bytes"],
-                      **peak_memory(device)},
+                      **peak_memory(device), **_load(outcome.load_avg_max)},
         "divergence": outcome.divergence,
-        "data": {"train_examples": len(data.train), "eval_examples": len(data.eval),
-                 **majority_class(data.eval, data.label_names)},
         "placement": [{"module": t.name, "layer": t.layer, "role": t.role,
                        "slices": list(t.slices) if t.slices else None,
                        "rank": prepared.ranks.get(t.name)} for t in prepared.targets],
         "artifacts": artifacts,
         "samples": samples,
+        **_common(config, data, env, started),
+    }
+
+
+def _reference_summary(config: RunConfig, out_dir: Path, data: TaskData, model: torch.nn.Module,
+                       result: EvalResult, divergence: str | None, device: torch.device, started: float,
+                       env: dict[str, Any]) -> dict[str, Any]:
+    """The reference's summary, shaped as a run's so reports read both the same way."""
+    total = count_params(model)[1]
+    return {
+        "status": "diverged" if divergence else "completed",
+        "role": "reference",
+        "name": config.name or out_dir.name,
+        "model": config.model,
+        "task": config.task,
+        "method": "none",
+        "metrics": result.as_metrics(),
+        "params": {"trainable": 0, "total": total, "percent": 0.0},
+        "resources": {"train_seconds": 0.0, "train_tokens": 0, "tokens_per_s": 0.0, "steps": 0, "total_steps": 0,
+                      "adapter_bytes": 0, **peak_memory(device), **_load(load_average())},
+        "divergence": {"step": 0, "reason": divergence, "parameters": []} if divergence else None,
+        "placement": [],
+        "artifacts": {"format": "none", "path": None, "bytes": 0, "note": "reference: the untrained base model"},
+        "samples": [],
+        **_common(config, data, env, started),
+    }
+
+
+def _common(config: RunConfig, data: TaskData, env: dict[str, Any], started: float) -> dict[str, Any]:
+    """The part of a summary every kind of run shares: data, warnings, environment, timing, config."""
+    warnings = []
+    if len(data.eval) < SMALL_EVAL_WARNING:
+        warnings.append(f"only {len(data.eval)} eval examples: differences between strategies may be noise")
+    return {
+        "data": {"train_examples": len(data.train), "eval_examples": len(data.eval),
+                 **majority_class(data.eval, data.label_names)},
         "warnings": warnings,
-        "environment": environment(device),
+        "environment": env,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_seconds": time.time() - started,
         "config": config_to_dict(config),
     }
+
+
+def _load(load_avg_max: float | None) -> dict[str, Any]:
+    """Highest 1-minute load average seen and the CPU count: other work on the machine slows a run."""
+    return {**({"load_avg_max": load_avg_max} if load_avg_max is not None else {}), "cpu_count": os.cpu_count()}
+
+
+def _environment(device: torch.device, source: str, data: TaskData) -> dict[str, Any]:
+    """Device and software, plus hashes of what the numbers came from: model weights and examples."""
+    env = environment(device)
+    digest = model_sha256(source)
+    if digest is not None:
+        env["model_sha256"] = digest
+    env["data_sha256"] = data_sha256(data.train, data.eval)
+    return env
 
 
 def majority_class(examples: list[dict], label_names: list[str] | None) -> dict[str, Any]:
@@ -222,10 +368,13 @@ def majority_class(examples: list[dict], label_names: list[str] | None) -> dict[
     return {"eval_majority_label": name, "eval_majority_accuracy": count / len(examples)}
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Write ``payload`` without NaN or inf (strict JSON); return what was written, to hand on as is."""
+    payload = finite_only(payload)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    temporary.write_text(json.dumps(payload, indent=2, default=str, allow_nan=False))
     os.replace(temporary, path)
+    return payload
 
 
 def _dir_bytes(directory: Path) -> int:

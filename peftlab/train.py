@@ -4,7 +4,8 @@ AdamW over the parameters that require grad (weight decay on dim >= 2 only, as
 nanoGPT's configure_optimizers), optional LoRA+ learning rate for B, warmup then
 cosine / linear / constant, gradient accumulation with exact token weighting,
 clipping, checkpoints and exact resume, and divergence detection: a non-finite
-loss or gradient stops the run and names the step and the parameters.
+loss or gradient stops the run and names the step and the parameters, and so does
+a non-finite loss at any evaluation, the final one included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import TrainConfig
 from .data import batches, num_batches, split_by_tokens
 from .evaluate import EvalResult, evaluate
 from .losses import loss_sum
+from .resources import load_average
 from .stopping import GracefulStop
 from .tracking import MetricsLog
 
@@ -38,6 +40,13 @@ class TrainOutcome:
     divergence: dict | None = None  # {"step", "reason", "parameters"}
     train_eval: EvalResult | None = None  # the final model on a subset of its training examples
     history: list[dict] = field(default_factory=list)
+    load_avg_max: float | None = None  # highest 1-minute load average seen; None where the OS has none
+
+    def note_load(self) -> None:
+        """Sample the load average: a busy machine explains slow tokens/s (os.getloadavg is one syscall)."""
+        load = load_average()
+        if load is not None:
+            self.load_avg_max = load if self.load_avg_max is None else max(self.load_avg_max, load)
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,9 +54,11 @@ class TrainOutcome:
 
 
 class Diverged(Exception):
-    def __init__(self, reason: str, parameters: list[str]):
+    """``step``: the step the divergence belongs to, when not the one being taken (an evaluation's)."""
+
+    def __init__(self, reason: str, parameters: list[str], step: int | None = None):
         super().__init__(reason)
-        self.reason, self.parameters = reason, parameters
+        self.reason, self.parameters, self.step = reason, parameters, step
 
 
 class Interrupted(KeyboardInterrupt):
@@ -148,9 +159,13 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         log.truncate_after(state.step)
         log.message(f"resumed from step {state.step} of {total_steps}")
     outcome = TrainOutcome("completed", state, total_steps, history=history)
+    outcome.note_load()
 
     def run_eval() -> EvalResult:
-        result = evaluate(model, eval_batches(eval_examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
+        result = evaluate_on(model, eval_examples, task, cfg, pad_id, device)
+        reason = eval_divergence(result)
+        if reason:  # a NaN eval loss is a divergence like a NaN training loss, never a metric
+            raise Diverged(reason, [], step=state.step)
         record = {"step": state.step, **result.as_metrics()}
         history.append(record)
         log.write(record)
@@ -172,6 +187,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                 history.append(record)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     log.write(record)
+                    outcome.note_load()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
@@ -180,15 +196,28 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                     checkpoint()
                 if on_step is not None:
                     on_step(state.step)
+        bar.close()
+        outcome.final_eval = run_eval()
     except Diverged as error:
+        step = error.step if error.step is not None else state.step + 1
         outcome.status = "diverged"
-        outcome.divergence = {"step": state.step + 1, "reason": error.reason, "parameters": error.parameters}
-        log.message(f"diverged at step {state.step + 1}: {error.reason}; parameters: {', '.join(error.parameters) or 'none'}")
-        return outcome
+        outcome.divergence = {"step": step, "reason": error.reason, "parameters": error.parameters}
+        log.message(f"diverged at step {step}: {error.reason}; parameters: {', '.join(error.parameters) or 'none'}")
     finally:
         bar.close()
-    outcome.final_eval = run_eval()
+        outcome.note_load()
     return outcome
+
+
+def evaluate_on(model: nn.Module, examples: list[dict], task: str, cfg: TrainConfig, pad_id: int,
+                device: torch.device) -> EvalResult:
+    """The one way a run evaluates: fixed-order batches under the run's autocast."""
+    return evaluate(model, eval_batches(examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
+
+
+def eval_divergence(result: EvalResult) -> str | None:
+    """Why an evaluation counts as a divergence (a NaN or inf loss), or None when it does not."""
+    return None if math.isfinite(result.loss) else f"non-finite eval loss ({result.loss})"
 
 
 def _stop_here(step: int, checkpoint: Callable[[], None], log: MetricsLog) -> None:
@@ -202,19 +231,28 @@ def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], op
                 cfg: TrainConfig, device: torch.device) -> dict:
     """One optimizer step, with the state advanced and the step's log record returned."""
     started = time.perf_counter()
-    loss, tokens = _optimizer_step(model, parameters, optimizer, stream, state, task, cfg, device)
+    loss, tokens, units = _counted_step(model, parameters, optimizer, stream, state, task, cfg, device)
     scheduler.step()
     state.step += 1
     state.train_seconds += time.perf_counter() - started
     state.train_tokens += tokens
+    # train_units: what the step's loss is averaged over, so a report can weight a running loss by it
     return {"step": state.step, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": state.train_tokens / state.train_seconds}
+            "tokens_per_s": state.train_tokens / state.train_seconds, "train_units": units}
 
 
 def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                     stream: Iterator, state: TrainState, task: str, cfg: TrainConfig,
                     device: torch.device) -> tuple[float, int]:
     """One optimizer step over grad_accum micro-batches; returns (token-weighted loss, non-pad tokens)."""
+    loss, tokens, _ = _counted_step(model, parameters, optimizer, stream, state, task, cfg, device)
+    return loss, tokens
+
+
+def _counted_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                  stream: Iterator, state: TrainState, task: str, cfg: TrainConfig,
+                  device: torch.device) -> tuple[float, int, int]:
+    """``_optimizer_step`` that also returns the label units its loss is averaged over."""
     micro = []
     for _ in range(cfg.grad_accum):
         state.epoch, state.batch_in_epoch, batch = next(stream)
@@ -237,7 +275,7 @@ def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = int(sum(int(batch["attention_mask"].sum()) for batch in micro))
-    return loss, tokens
+    return loss, tokens, units
 
 
 def _label_units(batch: dict[str, torch.Tensor], task: str) -> int:

@@ -189,3 +189,44 @@ def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum, monkeyp
     for (name, p), (_, q) in zip(_trainable_state(a_model).items(), _trainable_state(b_model).items()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     assert b.final_eval.loss == pytest.approx(a.final_eval.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_each_step_record_carries_its_label_units(tmp_path, grad_accum):
+    """train_units: the label tokens a step's loss averages over, so a report can weight a running loss."""
+    import json
+
+    cfg = TrainConfig(max_steps=6 // grad_accum, batch_size=4, grad_accum=grad_accum, lr=1e-2, seed=0, save_every=None)
+    outcome = _train(_lora_model(), cfg, tmp_path)
+    steps = [r for r in outcome.history if "train_loss" in r]
+    # one epoch exactly: each example once, and each counts its labels after the 3-token prompt
+    assert sum(r["train_units"] for r in steps) == sum(len(e["input_ids"]) - 3 for e in _examples(24))
+    assert all(isinstance(r["train_units"], int) and r["train_units"] > 0 for r in steps)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_units"] for r in logged if "train_loss" in r] == [r["train_units"] for r in steps]
+
+
+def test_load_average_is_sampled_at_start_logged_steps_and_end(monkeypatch):
+    import os
+
+    samples = []
+
+    def rising_load():
+        samples.append(len(samples) + 1.0)
+        return samples[-1], 0.0, 0.0
+
+    monkeypatch.setattr(os, "getloadavg", rising_load)
+    outcome = _train(_lora_model(), TrainConfig(max_steps=4, log_every=2, batch_size=4, seed=0, save_every=None))
+    assert len(samples) == 1 + 2 + 1  # start, steps 2 and 4, end
+    assert outcome.load_avg_max == max(samples)
+
+
+def test_non_finite_eval_during_training_is_a_divergence_at_that_step(monkeypatch):
+    import peftlab.train as train_module
+    from peftlab.evaluate import EvalResult
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: EvalResult(float("inf"), 5))
+    outcome = _train(_lora_model(), TrainConfig(max_steps=5, eval_every=2, batch_size=4, seed=0, save_every=None))
+    assert outcome.status == "diverged" and outcome.final_eval is None
+    assert outcome.divergence == {"step": 2, "reason": "non-finite eval loss (inf)", "parameters": []}
+    assert outcome.state.step == 2  # training stopped there
