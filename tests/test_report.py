@@ -234,3 +234,74 @@ def test_classification_report_names_the_majority_class_floor_and_shows_f1(tmp_p
     assert "macro_f1" in header and "train_accuracy" in header
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert {r["eval_majority_accuracy"] for r in rows} == {"0.64"}
+
+
+# --- verdicts: paired comparisons, the base-model row, integrity ------------------------------------
+
+
+def _paired_sweep(root, *, extra_runs=()):
+    """a and b over seeds 1-3 whose losses spread widely, b worse than a by ~0.02 on every seed; a base model."""
+    a = {1: 2.0, 2: 2.6, 3: 3.3}
+    b = {seed: loss + 0.02 + 0.001 * seed for seed, loss in a.items()}
+    trials = [{"run_id": "base_model__x", "strategy": "base_model", "strategy_index": -1, "grid": {}, "seed": 1}]
+    for index, (strategy, losses) in enumerate((("a", a), ("b", b))):
+        for seed, loss in losses.items():
+            run_id = f"{strategy}__seed{seed}"
+            _write_run(root, run_id, strategy, index, seed, loss=loss, params=1000 * (index + 1))
+            trials.append({"run_id": run_id, "strategy": strategy, "strategy_index": index, "grid": {}, "seed": seed,
+                           "reference": "base_model__x"})
+    base = _write_run(root, "base_model__x", "base_model", -1, 1, loss=4.0, params=0)
+    for run_id, strategy, index, seed, kwargs in extra_runs:
+        _write_run(root, run_id, strategy, index, seed, **kwargs)
+        trials.append({"run_id": run_id, "strategy": strategy, "strategy_index": index, "grid": {}, "seed": seed})
+    (root / "sweep.json").write_text(json.dumps({"name": "paired", "baseline": "a", "grid": {}, "seeds": [1, 2, 3],
+                                                 "strategies": {"a": {}, "b": {"train.lr": 1}}, "trials": trials}))
+    return base
+
+
+def test_a_constant_paired_difference_is_a_verdict_at_the_top_of_the_report(tmp_path):
+    root = tmp_path / "p"
+    _paired_sweep(root)
+    make_report(root)
+    (row,) = _csv(root / "comparisons.csv")
+    assert list(row)[:14] == ["metric", "a", "b", "test", "n_pairs", "n_a", "n_b", "mean_diff", "ci_low", "ci_high",
+                              "p_value", "p_adjusted", "a_wins", "b_wins"]
+    assert (row["metric"], row["a"], row["b"], row["test"], row["n_pairs"]) == ("eval_loss", "a", "b", "paired t", "3")
+    assert float(row["mean_diff"]) == pytest.approx(-0.022) and float(row["ci_high"]) < 0
+    assert (row["a_wins"], row["b_wins"], row["verdict"]) == ("3", "0", "a_better") and float(row["p_adjusted"]) < 0.05
+    text = (root / "report.md").read_text()
+    verdicts = text.index("## Verdicts")
+    assert verdicts < text.index("## Setup") < text.index("## Summary")
+    assert "a has lower eval loss than b by 0.022 (95% CI" in text and "better on 3 of 3 seeds; p_adj" in text
+    assert "overlap" not in text  # no list of overlapping unpaired intervals
+    # the untrained base model: a row in the summary, a line in the verdicts, a point at step 0
+    assert "| base_model (untrained, step 0) | 1/1 | 4 |" in text
+    assert "Against the untrained base model (eval loss 4, evaluated once at step 0" in text
+    assert "a +1.37 (better than the base model on 3 of 3 seeds)" in text
+    summary = {r["group"]: r for r in _csv(root / "summary.csv")}
+    assert summary["base_model"]["eval_loss_mean"] == "4.0" and "base_model__x" not in (root / "results.csv").read_text()
+
+
+def test_collapsed_and_stray_runs_are_listed_and_never_averaged_and_no_nan_is_written(tmp_path):
+    root = tmp_path / "p"
+    base = _paired_sweep(root, extra_runs=[("b__seed4", "b", 1, 4, {"status": "collapsed", "loss": 10.8})])
+    summary = json.loads((root / "runs" / "b__seed4" / "summary.json").read_text())
+    summary["collapse"] = {"reason": "eval loss 10.8 >= ln(vocabulary size) 10.8: uniform predictions"}
+    summary["metrics"] = {"eval_loss": 10.8}
+    (root / "runs" / "b__seed4" / "summary.json").write_text(json.dumps(summary))
+    # a folder of an older version of the sweep file, and a NaN that must never reach a table
+    _write_run(root, "b__seed1__old", "b", 1, 1, loss=9.0)
+    nan_run = json.loads((root / "runs" / "a__seed1" / "summary.json").read_text())
+    nan_run["metrics"]["train_loss"] = float("nan")
+    (root / "runs" / "a__seed1" / "summary.json").write_text(json.dumps(nan_run))
+    assert base.exists()
+    make_report(root)
+    rows = {r["group"]: r for r in _csv(root / "summary.csv")}
+    assert rows["b"]["n_runs"] == "4" and rows["b"]["n_completed"] == "3" and "b__seed4 (collapsed)" in rows["b"][
+        "excluded_runs"]
+    text = (root / "report.md").read_text()
+    assert "b__seed4 is collapsed and is excluded from every mean: collapsed: eval loss 10.8" in text
+    assert "1 folder(s) under runs/ are not part of this sweep file" in text and "b__seed1__old" in text
+    for name in ("results.csv", "summary.csv", "comparisons.csv", "report.md"):
+        content = (root / name).read_text().lower()
+        assert not re.search(r"\bnan\b|\binf(inity)?\b", content), name

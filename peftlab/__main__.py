@@ -1,0 +1,7 @@
+"""``python -m peftlab``: the same command line as the ``peftlab`` script (for torchrun and bare checkouts)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
