@@ -235,11 +235,51 @@ def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
                 # --set is left out of the id: a resume with other --set values is refused by plan()
                 run_id = trial_id(strategy, grid_values, seed, {"strategy": bundle, "base": spec.base})
                 config = _trial_config(spec, strategy, bundle, grid_values, seed)
-                fingerprint = json.dumps(config_to_dict(config), sort_keys=True, default=str)
-                alias_of = by_config.setdefault(fingerprint, run_id)
+                alias_of = by_config.setdefault(fingerprint(config), run_id)
                 trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id,
                                     alias_of=None if alias_of == run_id else alias_of))
     return _reference_trials(trials, out) + trials
+
+
+def fingerprint(config: RunConfig) -> str:
+    """The config as it will train: a rank schedule that gives every module one rank r counts as uniform r.
+
+    So ``budget`` that resolves to r=16 and ``uniform`` r=16 on the same placement are one config
+    (seed 000's attention_only and attention_only_budget were trained twice and flagged differently).
+    """
+    data = config_to_dict(config)
+    rank = _single_rank(config)
+    if rank is not None:
+        data["method"]["ranks"] = {"uniform": rank}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+_RESOLVED: dict[str, int | None] = {}  # budget schedules resolved once per (model, task, method)
+
+
+def _single_rank(config: RunConfig) -> int | None:
+    ranks = config.method.ranks
+    if config.method.name != "lora":
+        return None
+    if ranks.schedule == "uniform":
+        return ranks.r
+    if ranks.schedule != "budget":
+        return None
+    key = json.dumps([config.model, config.task, config_to_dict(config.method)], sort_keys=True, default=str)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve_budget(config)
+    return _RESOLVED[key]
+
+
+def _resolve_budget(config: RunConfig) -> int | None:
+    """The one rank a budget schedule gives (placement on the meta device, no weights); None if unknown."""
+    from .inspection import inspect_placement  # torch and transformers: only for budget schedules
+
+    try:
+        ranks = set(inspect_placement(config.model, config.method, task=config.task).prepared.ranks.values())
+    except (UserError, OSError, ValueError):
+        return None  # the run itself reports the problem
+    return ranks.pop() if len(ranks) == 1 else None
 
 
 def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:

@@ -67,10 +67,10 @@ def _diff(value: float) -> str:
 
 
 def _interval(c: Comparison) -> str:
-    """The interval of |a - b| oriented towards the winner (or of a - b when none), e.g. '0.078 to 0.124'."""
+    """The interval of the winner's margin (or of a - b when there is none), e.g. '95% CI 0.078 to 0.124'."""
     if c.ci_low is None:
         return "no interval"
-    flip = c.mean_diff < 0
+    flip = c.separated and c.mean_diff < 0
     low, high = (-c.ci_high, -c.ci_low) if flip else (c.ci_low, c.ci_high)
     return f"{100 * (1 - ALPHA):.0f}% CI {low:.3g} to {high:.3g}"
 
