@@ -159,9 +159,9 @@ def loss_curves(curves: dict[str, list[list[dict[str, Any]]]], loss_label: str, 
                 reference: float | None = None) -> Path | None:
     """Train and eval loss against optimizer step: per strategy the mean over seeds, band = min..max.
 
-    The training panel shows a token-weighted running loss over a trailing window of steps: batches
-    are grouped by length, so one batch's loss swings with its length (and the longest batch comes
-    first), which a raw per-step curve shows as a spike that is not learning. The evaluation panel
+    The training panel shows a running mean over a trailing window of steps (see ``running_loss``):
+    batches are grouped by length, so one batch's loss swings with its length (and the longest batch
+    comes first), which a raw per-step curve shows as a spike that is not learning. The evaluation panel
     starts at step 0 with the untrained base model (``reference``) when it was evaluated.
     """
     if not any(records for runs in curves.values() for records in runs):
@@ -169,7 +169,8 @@ def loss_curves(curves: dict[str, list[list[dict[str, Any]]]], loss_label: str, 
     colors = palette(list(curves))
     window = _smoothing_window(curves)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
-    panels = (("train_loss", f"Training loss (token-weighted mean of the last {window} steps)"),
+    panels = (("train_loss", f"Training loss (mean of the last {window} steps; it moves with the lengths of\n"
+                             "the batches in the window: compare strategies on the eval panel)"),
               ("eval_loss", "Evaluation loss (eval set, through training)"))
     for index, (key, title) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 2, index)
@@ -201,18 +202,19 @@ def _smoothing_window(curves: dict[str, list[list[dict[str, Any]]]]) -> int:
 
 
 def running_loss(records: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
-    """Training records with train_loss replaced by its token-weighted mean over the last ``window`` steps.
+    """Training records with train_loss replaced by the mean of the last ``window`` steps' losses.
 
-    Each step's loss is a mean over its ``train_units`` label tokens (or examples); steps logged
-    without units weigh 1.
+    Each step counts once, not by its tokens: batches are length-grouped and the longest comes first,
+    and per-token loss falls with length, so a token-weighted window is the first batch's loss until
+    that batch leaves it (a jump that is not learning). The curve starts once the window is full.
     """
     steps = [r for r in records if isinstance(r.get("train_loss"), (int, float)) and math.isfinite(r["train_loss"])]
     smoothed = []
     for index, record in enumerate(steps):
+        if index + 1 < window and index + 1 < len(steps):
+            continue
         recent = steps[max(0, index - window + 1): index + 1]
-        weights = [float(r.get("train_units") or 1) for r in recent]
-        total = sum(w * r["train_loss"] for w, r in zip(weights, recent))
-        smoothed.append({"step": record["step"], "train_loss": total / sum(weights)})
+        smoothed.append({"step": record["step"], "train_loss": sum(r["train_loss"] for r in recent) / len(recent)})
     return smoothed
 
 

@@ -252,10 +252,15 @@ def analyse(directory: Path, baseline: str | None = None) -> Analysis:
     metrics = [m for m in AGGREGATED if any(isinstance(row.get(m), (int, float)) for row in rows)]
     groups = aggregate(rows, metrics, baseline=baseline, quality=quality)
     aliases = _aliases(trials or [])
-    skip = {frozenset((group_label(a, g.grid), group_label(b, g.grid))) for a, b in aliases.items() for g in groups}
+    # An alias shares its original's runs: comparing it again would repeat rows and widen Holm's family.
+    distinct = [g for g in groups if g.strategy not in aliases]
     comparisons = [c for metric in QUALITY_METRICS.get(task, ("eval_loss",))
-                   for c in compare_all(groups, metric, higher_is_better=HIGHER_IS_BETTER[metric], skip=skip)]
-    mark_pareto(groups, quality, comparisons)
+                   for c in compare_all(distinct, metric, higher_is_better=HIGHER_IS_BETTER[metric])]
+    mark_pareto(distinct, quality, comparisons)
+    by_label = {g.label: g for g in groups}
+    for group in groups:
+        if group.strategy in aliases:
+            group.pareto = dict(by_label[group_label(aliases[group.strategy], group.grid)].pareto)
     return Analysis(sweep.get("name") or directory.name, runs, rows, groups, baseline, quality,
                     HIGHER_IS_BETTER[quality], task, grid_keys, sweep,
                     references=[r for r in everything if r.strategy == REFERENCE], comparisons=comparisons,
@@ -330,8 +335,8 @@ def _figures(analysis: Analysis, folder: Path) -> list[tuple[Path, str]]:
         (figures.time_and_memory(groups, "/".join(sorted(memory_kinds)) or "unknown", folder / "time_memory.png"),
          "Training time and peak memory per strategy: median over seeds, whiskers from the lowest to the highest."),
         (figures.loss_curves(curves, loss_unit, folder / "loss_curves.png", reference=base.get("eval_loss")),
-         "Training loss (token-weighted running mean: length-grouped batches make single-step losses swing) and "
-         "evaluation loss through training, from the untrained base model at step 0."),
+         "Training loss (running mean over a tenth of the run, once the window is full: length-grouped batches make "
+         "single-step losses swing) and evaluation loss through training, from the untrained base model at step 0."),
         (figures.rank_heatmaps(placements, folder / "rank_heatmap.png"),
          "LoRA rank per layer and module for each LoRA strategy."),
     ]

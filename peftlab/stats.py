@@ -248,16 +248,13 @@ def compare(metric: str, a: str, b: str, values_a: dict[int, float], values_b: d
                       "indistinguishable", higher_is_better, None, None)
 
 
-def compare_all(groups: Sequence["GroupStats"], metric: str, *, higher_is_better: bool,
-                skip: set[frozenset[str]] = frozenset()) -> list[Comparison]:
+def compare_all(groups: Sequence["GroupStats"], metric: str, *, higher_is_better: bool) -> list[Comparison]:
     """Every pair of groups (in their order) on ``metric``; Holm over this family; verdicts.
 
     A pair is separated when its Holm-adjusted p-value is below ALPHA; the direction follows the sign
-    of the mean difference and whether higher is better. ``skip``: pairs not to test (two names for
-    one set of runs).
+    of the mean difference and whether higher is better.
     """
-    pairs = [(x, y) for x, y in itertools.combinations(groups, 2)
-             if x.values.get(metric) and y.values.get(metric) and frozenset((x.label, y.label)) not in skip]
+    pairs = [(x, y) for x, y in itertools.combinations(groups, 2) if x.values.get(metric) and y.values.get(metric)]
     raw = [compare(metric, x.label, y.label, x.values[metric], y.values[metric], higher_is_better=higher_is_better)
            for x, y in pairs]
     adjusted = holm([c.p_value for c in raw])
