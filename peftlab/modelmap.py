@@ -12,12 +12,18 @@ Two ways to a role:
 * Any other architecture: structural inference (see ``_structural_roles``),
   marked ``family="structural"`` with a note, because it is a best guess.
 
+Where a model holds several block lists, the language model's is the one beside the
+input token embeddings (not a deeper vision tower), an encoder-decoder's two stacks
+are both mapped (layers numbered through the encoder, then the decoder), and anything
+else is refused with the lists named. The task head is found by structure too (see
+``head_modules``), so a head that no name table lists is still trained.
+
 Only shapes are read, so meta-device models map exactly like real ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,9 +35,13 @@ from .errors import UserError
 # "other": a block linear whose role could not be inferred; produced only by
 # build_model_map(strict=False), so that explicit method.targets still work on
 # such models. No named placement selects it.
-Role = Literal["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "head", "other"]
-ROLES: tuple[Role, ...] = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "head",
-                           "other")
+# "scalar_gate": a linear with one output (Qwen2-MoE's shared_expert_gate), a gate that scales
+# a branch, not a projection: no named placement selects it (its rank limit is 1), explicit
+# method.targets may. Not called "gate", which is a module name (Mixtral's router) in targets.
+Role = Literal["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "scalar_gate", "head",
+               "other"]
+ROLES: tuple[Role, ...] = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "scalar_gate",
+                           "head", "other")
 ATTENTION_ROLES = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"})
 MLP_ROLES = frozenset({"mlp_in", "mlp_out"})
 
@@ -70,13 +80,29 @@ class ModelMap:
 
     family: str  # "gpt2" | "llama" | "bert" | "distilbert" | "gpt_neox" | "phi3" | "structural"
     n_layers: int
-    block_prefix: str  # e.g. "transformer.h" -- blocks are f"{block_prefix}.{i}"
+    # e.g. "transformer.h" -- blocks are f"{block_prefix}.{i}"; "" when the blocks are in several stacks
+    block_prefix: str
     sites: tuple[LinearSite, ...]
-    head_names: tuple[str, ...] = ()  # task head modules (classifier / score / lm_head)
+    head_names: tuple[str, ...] = ()  # the head's linear modules (role "head": never adapted)
     note: str = ""  # e.g. "roles inferred from module structure"
+    # The modules the task head consists of (outermost), trained whole under train_head and saved
+    # whole as peft modules_to_save: e.g. ("classifier",), T5's ("classification_head",).
+    head_modules: tuple[str, ...] = ()
+    # (block list, number of blocks) in layer order; layers number through them, so an
+    # encoder-decoder's encoder blocks are layers 0..n_enc-1 and its decoder blocks follow.
+    stacks: tuple[tuple[str, int], ...] = ()
 
     def by_name(self) -> dict[str, LinearSite]:
         return {site.name: site for site in self.sites}
+
+    def block_name(self, layer: int) -> str:
+        """The full module name of block ``layer`` ("transformer.h.3", "decoder.block.0")."""
+        index = layer
+        for prefix, count in self.stacks or ((self.block_prefix, self.n_layers),):
+            if 0 <= index < count:
+                return f"{prefix}.{index}"
+            index -= count
+        raise IndexError(f"layer {layer} is not one of this model's {self.n_layers} blocks")
 
     def block_sites(self) -> tuple[LinearSite, ...]:
         return tuple(s for s in self.sites if s.layer is not None)
@@ -169,6 +195,12 @@ _FAMILIES: tuple[_Family, ...] = (
             {"self_attn.qkv_proj": _phi3_qkv, "mlp.gate_up_proj": _phi3_gate_up}),
 )
 
+
+def fused_layouts() -> list[str]:
+    """The fused projections whose output layout (and so whose slices) peftlab knows: "<family> <name>"."""
+    return [f"{family.name} {rel}" for family in _FAMILIES for rel in family.layouts]
+
+
 # Top-level children that are a task head. The pooler (BERT) feeds the classifier, so it
 # is part of the head when the model has one: trained with it under train_head, like
 # the classifier of BERT fine-tuning (Devlin et al. 2019), and never given LoRA.
@@ -182,7 +214,7 @@ _STRUCTURAL_NOTE = "roles inferred from module structure"
 # --- the entry point ----------------------------------------------------------------------------
 
 
-def build_model_map(model: nn.Module, *, strict: bool = True) -> ModelMap:
+def build_model_map(model: nn.Module, *, strict: bool = True, new_weights: Iterable[str] = ()) -> ModelMap:
     """Resolve every linear module of ``model`` to (layer, role, slices).
 
     Works on real and meta-device models. With ``strict`` (the default) a
@@ -190,27 +222,43 @@ def build_model_map(model: nn.Module, *, strict: bool = True) -> ModelMap:
     raises UserError listing the linear modules found. ``strict=False`` maps
     such linears with role "other" instead (layer None when no block list is
     found), for callers whose user named ``method.targets`` explicitly.
+    ``new_weights``: the parameters loading initialised fresh (``LoadedModel.new_weights``);
+    those outside the base model are head weights (see ``head_modules``).
     """
     linears = [(name, module) for name, module in model.named_modules() if _is_linear(module)]
     config = _text_config(model)
     family = _known_family(config)
     prefix = _find_blocks(model, family.blocks) if family else None
-    if prefix is None:
-        family, prefix = None, _find_structural_blocks(model)
-    if prefix is None:
+    stacks, reason = ((prefix,), "") if prefix else _find_structural_blocks(model)
+    family = family if prefix else None
+    heads = head_modules(model, stacks, new_weights)
+    if not stacks:
         if strict:
-            _refuse(linears, "no block list (a ModuleList of identical transformer blocks) was found")
-        return _map_without_blocks(model, linears)
-    blocks = model.get_submodule(prefix)  # a ModuleList (or Sequential) of blocks
-    roles = _block_roles(blocks, prefix, linears, family)
-    unresolved = [name for name, role in roles.items() if role is None]
+            _refuse(linears, reason)
+        return _map_without_blocks(linears, heads)
+    counts = tuple((stack, len(model.get_submodule(stack))) for stack in stacks)
+    blocks = [f"{stack}.{i}" for stack, count in counts for i in range(count)]  # one per layer, in order
+    placed = _block_roles(model, blocks, linears, family)
+    unresolved = [name for name, (_, _, role) in placed.items() if role is None]
     if unresolved and strict:
         _refuse(linears, "could not give a role to " + ", ".join(unresolved[:6])
                 + (f" (and {len(unresolved) - 6} more)" if len(unresolved) > 6 else ""))
-    sites = _sites(model, linears, prefix, roles, family, config)
-    return ModelMap(family=family.name if family else "structural", n_layers=len(blocks), block_prefix=prefix,
-                    sites=sites, head_names=tuple(s.name for s in sites if s.role == "head"),
-                    note="" if family else _STRUCTURAL_NOTE)
+    sites = _sites(linears, placed, heads, family, config)
+    return ModelMap(family=family.name if family else "structural", n_layers=len(blocks),
+                    block_prefix=stacks[0] if len(stacks) == 1 else "", sites=sites,
+                    head_names=tuple(s.name for s in sites if s.role == "head"),
+                    note=_note(family, counts), head_modules=heads, stacks=counts)
+
+
+def _note(family: _Family | None, stacks: tuple[tuple[str, int], ...]) -> str:
+    notes = [] if family else [_STRUCTURAL_NOTE]
+    if len(stacks) > 1:  # say where each stack's layers are, since one layer index runs through all
+        first, parts = 0, []
+        for stack, count in stacks:
+            parts.append(f"{first}-{first + count - 1} {stack}")
+            first += count
+        notes.append("layers " + ", ".join(parts))
+    return "; ".join(notes)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -241,7 +289,31 @@ def _find_blocks(model: nn.Module, blocks: str) -> str | None:
     """The full name of the family's block list ("bert.encoder.layer" for "encoder.layer")."""
     found = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
              and (name == blocks or name.endswith("." + blocks))]
+    if len(found) > 1:  # Llava: the language model's "layers" and the vision tower's
+        found = _beside_embeddings(model, found)
     return found[0] if len(found) == 1 else None
+
+
+def _beside_embeddings(model: nn.Module, names: list[str]) -> list[str]:
+    """The block lists that sit in the module holding the input token embeddings: the language model's.
+
+    A vision tower (Gemma-3, Llava) is often deeper than the language model, so length says nothing;
+    the token embeddings are what the language model, and only it, reads first.
+    """
+    owner = _embedding_owner(model)
+    if owner is None:
+        return names
+    return [name for name in names if owner == "" or name.startswith(owner + ".")]
+
+
+def _embedding_owner(model: nn.Module) -> str | None:
+    """The dotted name of the module that holds the input embeddings ("" for the model itself)."""
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
+    name = next((name for name, module in model.named_modules() if module is embeddings), None)
+    return None if name is None else name.rpartition(".")[0]
 
 
 def _refuse(linears: list[tuple[str, nn.Module]], reason: str) -> None:
@@ -255,84 +327,155 @@ def _refuse(linears: list[tuple[str, nn.Module]], reason: str) -> None:
 # --- roles per block ----------------------------------------------------------------------------
 
 
-def _block_roles(blocks: nn.Module, prefix: str, linears: list[tuple[str, nn.Module]],
-                 family: _Family | None) -> dict[str, Role | None]:
-    """Full linear name -> role (None = unresolved) for every linear inside a block, in module order."""
-    roles: dict[str, Role | None] = {}
-    for index, block in enumerate(blocks):
-        block_name = f"{prefix}.{index}"
+def _block_roles(model: nn.Module, blocks: list[str], linears: list[tuple[str, nn.Module]],
+                 family: _Family | None) -> dict[str, tuple[int, str, Role | None]]:
+    """Full linear name -> (layer, block-relative name, role or None) for every linear inside a block."""
+    placed: dict[str, tuple[int, str, Role | None]] = {}
+    for layer, block_name in enumerate(blocks):
         inside = [(name[len(block_name) + 1:], module) for name, module in linears
                   if name.startswith(block_name + ".")]
         if family is not None:
             block_roles = {rel: family.roles.get(rel) for rel, _ in inside}
         else:
-            block_roles = _structural_roles(block, inside)
-        roles.update({f"{block_name}.{rel}": role for rel, role in block_roles.items()})
-    return roles
+            block_roles = _structural_roles(model.get_submodule(block_name), inside)
+        placed.update({f"{block_name}.{rel}": (layer, rel, role) for rel, role in block_roles.items()})
+    return placed
 
 
-def _sites(model: nn.Module, linears: list[tuple[str, nn.Module]], prefix: str,
-           roles: Mapping[str, Role | None], family: _Family | None, config: Any) -> tuple[LinearSite, ...]:
-    heads = _head_names(model, linears)
+def _sites(linears: list[tuple[str, nn.Module]], placed: Mapping[str, tuple[int, str, Role | None]],
+           heads: tuple[str, ...], family: _Family | None, config: Any) -> tuple[LinearSite, ...]:
     sites = []
     for name, module in linears:
         in_features, out_features = _shape(module)
-        if name in roles:
-            layer_text, rel = name[len(prefix) + 1:].split(".", 1)
+        if name in placed:
+            layer, rel, role = placed[name]
             layout = family.layouts.get(rel) if family else None
             slices = layout(config, out_features) if layout else {}
-            sites.append(LinearSite(name, int(layer_text), roles[name] or "other", in_features, out_features,
+            sites.append(LinearSite(name, layer, role or "other", in_features, out_features,
                                     isinstance(module, Conv1D), slices))
-        elif name in heads:
+        elif _inside(name, heads):
             sites.append(LinearSite(name, None, "head", in_features, out_features, isinstance(module, Conv1D)))
     return tuple(sites)
 
 
-def _head_names(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> set[str]:
-    top = {name for name, _ in model.named_children()}
-    has_classifier = bool(top & _CLASSIFIER_CHILDREN)
-    heads = set()
-    for name, _ in linears:
-        parts = name.split(".")
-        if parts[0] in _HEAD_CHILDREN or (has_classifier and _POOLER in parts):
-            heads.add(name)
-    return heads
+def _inside(name: str, modules: Iterable[str]) -> bool:
+    """``name`` is one of ``modules`` or lies inside one of them."""
+    return any(name == module or name.startswith(module + ".") for module in modules)
 
 
-def _map_without_blocks(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> ModelMap:
+# --- the task head --------------------------------------------------------------------------------
+
+
+def head_modules(model: nn.Module, stacks: Iterable[str] = (), new_weights: Iterable[str] = ()) -> tuple[str, ...]:
+    """The modules of the task head, outermost, in module order; () when the model has none.
+
+    The head is what sits on top of the base model, found three ways:
+    * a top-level child named as a head (lm_head, score, classifier, pre_classifier), and the
+      base model's pooler when a classifier reads it (BERT);
+    * any other top-level child beside the base model (``base_model_prefix``) that holds
+      parameters and no block list: XLNet's sequence_summary and logits_proj, T5's
+      classification_head, which no name table lists;
+    * the modules of ``new_weights`` that lie outside the base model: the ones loading initialised
+      fresh because the checkpoint had no such head (``split_new_weights``).
+    """
+    children = dict(model.named_children())
+    found = [name for name in children if name in _HEAD_CHILDREN]
+    base = _base_model_name(model)
+    if base is not None:
+        found += [name for name, child in children.items() if name != base and _holds_head(child, name, stacks)]
+    if children.keys() & _CLASSIFIER_CHILDREN:  # the pooler feeds the classifier: trained with it
+        found += [name for name, module in model.named_modules()
+                  if _is_linear(module) and _POOLER in name.split(".")]
+    head, _ = split_new_weights(model, new_weights)
+    found += [owner for owner, _, _ in (weight.rpartition(".") for weight in head) if owner]
+    return _outermost(model, found)
+
+
+def split_new_weights(model: nn.Module, new_weights: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(head weights, body weights) among freshly initialised ``new_weights``, each sorted.
+
+    Head weights lie outside the base model: a new classification head, to be trained. Body
+    weights lie inside it: weights the checkpoint should have had, not a head.
+    """
+    base = _base_model_name(model)
+    inside = [w for w in new_weights if base is not None and w.startswith(base + ".")]
+    return sorted(set(new_weights) - set(inside)), sorted(inside)
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    """The child that is the base model (``base_model_prefix``); None when the model is its own base."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else None
+
+
+def _holds_head(child: nn.Module, name: str, stacks: Iterable[str]) -> bool:
+    has_parameters = next(child.parameters(), None) is not None
+    return has_parameters and not any(_inside(stack, (name,)) for stack in stacks)
+
+
+def _outermost(model: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
+    """The distinct modules among ``names`` not inside another of them, in module order."""
+    chosen = set(names)
+    order = [name for name, _ in model.named_modules() if name in chosen]
+    return tuple(name for name in order if not any(_inside(name, (other,)) for other in chosen - {name}))
+
+
+def _map_without_blocks(linears: list[tuple[str, nn.Module]], heads: tuple[str, ...]) -> ModelMap:
     """strict=False and no block list: every non-head linear is an "other" site with no layer."""
-    heads = _head_names(model, linears)
-    sites = tuple(LinearSite(name, None, "head" if name in heads else "other", *_shape(module),
+    sites = tuple(LinearSite(name, None, "head" if _inside(name, heads) else "other", *_shape(module),
                              is_conv1d=isinstance(module, Conv1D)) for name, module in linears)
     return ModelMap(family="structural", n_layers=0, block_prefix="", sites=sites,
-                    head_names=tuple(name for name, _ in linears if name in heads),
-                    note="no transformer blocks found: only explicit method.targets can be adapted")
+                    head_names=tuple(s.name for s in sites if s.role == "head"),
+                    note="no transformer blocks found: only explicit method.targets can be adapted",
+                    head_modules=heads)
 
 
 # --- structural inference (any other architecture) ------------------------------------------------
 
 
-def _find_structural_blocks(model: nn.Module) -> str | None:
-    """The block list: the longest outermost ModuleList (or Sequential) of identical modules holding linears.
+def _find_structural_blocks(model: nn.Module) -> tuple[tuple[str, ...], str]:
+    """(the block lists, in layer order; or () and why none).
 
-    Outermost, so that a block's own lists (MoE experts, per-head projections) are never taken
-    for the blocks. Two different lists of the same greatest length (encoder and decoder) are
-    ambiguous: None.
+    A candidate is an outermost ModuleList (or Sequential) of identical modules holding linears:
+    outermost, so that a block's own lists (MoE experts, per-head projections) are never taken
+    for the blocks. Of several candidates, the language model's is the one beside the input
+    embeddings (a deeper vision tower is not it); an encoder-decoder's two stacks are both
+    taken. Anything else is ambiguous and refused with the candidates named, never guessed.
     """
-    candidates: list[tuple[str, int]] = []
+    candidates = _block_candidates(model)
+    if not candidates:
+        return (), "no block list (a ModuleList of identical transformer blocks holding linears) was found"
+    language = _beside_embeddings(model, list(candidates)) if len(candidates) > 1 else list(candidates)
+    if len(language) == 1:
+        return (language[0],), ""
+    if _encoder_decoder(model, language):
+        return tuple(language), ""
+    shown = ", ".join(f"{name} ({length} blocks)" for name, length in candidates.items())
+    return (), (f"{len(candidates)} block lists were found and none is recognisably the language model's: "
+                f"{shown}")
+
+
+def _block_candidates(model: nn.Module) -> dict[str, int]:
+    """{name: number of blocks} of the outermost lists of identical modules holding linears, in module order."""
+    candidates: dict[str, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
-        if any(name.startswith(outer + ".") for outer, _ in candidates):
+        if any(name.startswith(outer + ".") for outer in candidates):
             continue
         kinds = {type(child) for child in module}
         if len(kinds) == 1 and not _is_linear(module[0]) and any(_is_linear(m) for m in module[0].modules()):
-            candidates.append((name, len(module)))
-    if not candidates:
-        return None
-    longest = max(length for _, length in candidates)
-    winners = [name for name, length in candidates if length == longest]
-    return winners[0] if len(winners) == 1 else None
+            candidates[name] = len(module)
+    return candidates
+
+
+def _encoder_decoder(model: nn.Module, names: list[str]) -> bool:
+    """An encoder-decoder's two stacks (T5, BART): config.is_encoder_decoder, one list under an
+    "encoder" module and one under a "decoder" module."""
+    if len(names) != 2 or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    first, second = (name.split(".") for name in names)
+    return "encoder" in first and "decoder" in second
 
 
 # Leaf names of attention projections in common architectures (lower-cased, whole names).
@@ -360,10 +503,14 @@ def _structural_roles(block: nn.Module, inside: list[tuple[str, nn.Module]]) -> 
     MLP: every other linear. The one that writes back to the block width from a different
     width is mlp_out (else the last in module order); the others are mlp_in. A single
     non-attention linear is ambiguous and stays unresolved.
+    Scalar gates: a linear with a single output scales a branch (Qwen2-MoE's shared_expert_gate);
+    it is neither, and taking it for an MLP projection would give it LoRA of rank at most 1.
     """
-    attention = [(rel, m) for rel, m in inside if _under_attention(block, rel)]
-    mlp = [(rel, m) for rel, m in inside if not _under_attention(block, rel)]
-    roles = {rel: _LEAF_ROLES.get(rel.rsplit(".", 1)[-1].lower()) for rel, _ in attention}
+    gates = {rel for rel, m in inside if _shape(m)[1] == 1}
+    attention = [(rel, m) for rel, m in inside if rel not in gates and _under_attention(block, rel)]
+    mlp = [(rel, m) for rel, m in inside if rel not in gates and not _under_attention(block, rel)]
+    roles: dict[str, Role | None] = {rel: "scalar_gate" for rel in gates}
+    roles.update({rel: _LEAF_ROLES.get(rel.rsplit(".", 1)[-1].lower()) for rel, _ in attention})
     unnamed = [rel for rel, role in roles.items() if role is None]
     if len(unnamed) == 1 and "attn_out" not in roles.values():
         roles[unnamed[0]] = "attn_out"

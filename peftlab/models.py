@@ -19,6 +19,7 @@ import torch
 
 from . import assets
 from .errors import UserError
+from .modelmap import split_new_weights
 
 CAUSAL_TASKS = ("instruction", "causal_lm")
 TASKS = (*CAUSAL_TASKS, "classification")
@@ -175,9 +176,8 @@ def _load_classifier(name: str, location: str, kind: str, labels: dict[str, Any]
         model, info = auto.from_pretrained(location, dtype=dtype, output_loading_info=True,
                                            ignore_mismatched_sizes=True, **labels)
     fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    head = tuple(sorted(key for key in fresh if not key.startswith(prefix)))
-    body = sorted(key for key in fresh if key.startswith(prefix))
+    # The same split the model map makes: these head weights are what prepare trains as the head.
+    head, body = split_new_weights(model, fresh)
     if head:
         print(f"peftlab: new classification head ({', '.join(head)}) starts from random weights "
               f"and is trained", file=sys.stderr)

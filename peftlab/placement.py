@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import UserError
-from .modelmap import ATTENTION_ROLES, MLP_ROLES, ROLES, LinearSite, ModelMap, Runs
+from .modelmap import ATTENTION_ROLES, MLP_ROLES, ROLES, LinearSite, ModelMap, Runs, fused_layouts
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,19 @@ def _entry_targets(model_map: ModelMap, entry: _Entry) -> list[Target]:
     for site in sites:
         unknown = [name for name in entry.slices if name not in site.slices]
         if unknown:
-            available = ", ".join(site.slices) if site.slices else "none: it is not a fused projection"
             raise UserError(f"method.targets entry {entry.text!r}: {site.name} has no slice "
-                            f"{', '.join(map(repr, unknown))} (its slices: {available})")
+                            f"{', '.join(map(repr, unknown))} ({_no_slices_why(site)})")
     return [Target(s, _in_site_order(s, entry.slices)) for s in sites]
+
+
+def _no_slices_why(site: LinearSite) -> str:
+    """Why a site lacks a slice: other slices, a fused layout peftlab does not know, or no fusion."""
+    if site.slices:
+        return f"its slices: {', '.join(site.slices)}"
+    if site.role == "attn_qkv":  # fused (Falcon, Bloom query_key_value), but how its rows interleave is unknown
+        return (f"its output layout is not known to peftlab, so it cannot be sliced; layouts known: "
+                f"{', '.join(fused_layouts())}; adapt the whole module instead")
+    return "it is not a fused projection, so it has no slices"
 
 
 def _in_site_order(site: LinearSite, slices: Iterable[str]) -> tuple[str, ...] | None:
@@ -227,7 +236,7 @@ def _relative_name(model_map: ModelMap, site: LinearSite) -> str:
     """A block linear's name inside its block ("attn.c_proj"); other modules' full names."""
     if site.layer is None:
         return site.name
-    return site.name[len(f"{model_map.block_prefix}.{site.layer}."):]
+    return site.name[len(model_map.block_name(site.layer)) + 1:]
 
 
 def _ambiguous(model_map: ModelMap, entry: _Entry, sites: Sequence[LinearSite],
@@ -332,7 +341,7 @@ def describe_matches(model_map: ModelMap, targets: Sequence[str], layers: Any = 
 # --- the printed placement map ----------------------------------------------------------------
 
 _COLUMNS = (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_qkv", "qkv"), ("attn_out", "out"),
-            ("mlp_in", "mlp_in"), ("mlp_out", "mlp_out"), ("other", "other"))
+            ("mlp_in", "mlp_in"), ("mlp_out", "mlp_out"), ("scalar_gate", "gate"), ("other", "other"))
 NOT_ADAPTED = "·"
 ADAPTED = "✓"  # adapted, no rank applies (adapters)
 

@@ -18,13 +18,15 @@ from .modelmap import ATTENTION_ROLES, MLP_ROLES
 from .placement import Target
 
 
-def lora_param_count(target: Target, r: int) -> int:
-    """LoRA parameters of one target: A is [r, in_features], B is [adapted_out_features, r].
+def lora_param_count(target: Target, r: int, *, dora: bool = False) -> int:
+    """LoRA parameters of one target: A is [r, in_features], B is [adapted_out_features, r];
+    with DoRA also one magnitude per adapted output row, whatever the rank.
 
     Hu et al. 2021 (arXiv:2106.09685), section 4: r * (d_in + d_out) per adapted matrix;
     for a fused slice only the adapted output rows get a B row.
     """
-    return r * (target.site.in_features + target.adapted_out_features())
+    magnitudes = target.adapted_out_features() if dora else 0
+    return r * (target.site.in_features + target.adapted_out_features()) + magnitudes
 
 
 def rank_limit(target: Target) -> int:
@@ -32,14 +34,18 @@ def rank_limit(target: Target) -> int:
     return min(target.site.in_features, target.adapted_out_features())
 
 
-def allocate_ranks(targets: Sequence[Target], spec: RankConfig, n_layers: int) -> dict[str, int]:
+def allocate_ranks(targets: Sequence[Target], spec: RankConfig, n_layers: int, *, dora: bool = False,
+                   fixed_params: int = 0) -> dict[str, int]:
     """``{module name: rank}`` for every target under ``spec.schedule``.
 
     A custom rank of 0 drops that layer's targets: they are absent from the result.
-    Raises UserError for a rank above a module's limit (``rank_limit``).
+    Raises UserError for a rank above a module's limit (``rank_limit``). ``dora`` and
+    ``fixed_params`` (other trainable parameters, e.g. a trained head) matter to the budget
+    schedule only: see ``budget_rank``.
     """
     if spec.schedule in ("uniform", "budget"):  # one rank for all: no layer needed
-        r = spec.r if spec.schedule == "uniform" else budget_rank(targets, spec.budget)
+        r = spec.r if spec.schedule == "uniform" else budget_rank(targets, spec.budget, dora=dora,
+                                                                    fixed_params=fixed_params)
         ranks = {t.name: r for t in targets}
     elif spec.schedule == "attention_heavy":
         ranks = {t.name: _attention_heavy(t, spec) for t in targets}
@@ -121,20 +127,23 @@ def _attention_heavy(target: Target, spec: RankConfig) -> int:
     raise UserError(f"the attention_heavy schedule needs each module's role; {target.name} has none")
 
 
-def budget_rank(targets: Sequence[Target], budget: int | None) -> int:
-    """The uniform r >= 1 whose total LoRA parameters come closest to ``budget`` (ties: smaller r).
+def budget_rank(targets: Sequence[Target], budget: int | None, *, dora: bool = False,
+                fixed_params: int = 0) -> int:
+    """The uniform r >= 1 whose total trainable parameters come closest to ``budget`` (ties: smaller r).
 
-    Total parameters are linear in r (lora_param_count), so the best r is floor or ceil of
-    budget / per-rank cost. When even r = 1 exceeds the budget, r = 1 is returned and the
-    caller reports the actual count against the budget.
+    The total is everything the method trains: LoRA's A and B, DoRA's magnitudes (``dora``) and
+    ``fixed_params`` (a trained head). It is linear in r, fixed + r * per-rank cost, so the best
+    r is floor or ceil of (budget - fixed) / per-rank cost. When even r = 1 exceeds the budget,
+    r = 1 is returned and the caller reports the actual count against the budget.
     """
     if budget is None or budget <= 0:
         raise UserError("method.ranks: the budget schedule needs budget: <number of trainable parameters>")
     per_rank = sum(lora_param_count(t, 1) for t in targets)
     if per_rank == 0:
         raise UserError("method.ranks: the budget schedule has no modules to spend it on")
-    low = max(1, math.floor(budget / per_rank))
-    return min((low, low + 1), key=lambda r: (abs(r * per_rank - budget), r))
+    fixed = fixed_params + sum(lora_param_count(t, 0, dora=dora) for t in targets)  # r = 0: the magnitudes
+    low = max(1, math.floor((budget - fixed) / per_rank))
+    return min((low, low + 1), key=lambda r: (abs(fixed + r * per_rank - budget), r))
 
 
 def _layer_of(target: Target, spec: RankConfig) -> int:

@@ -20,17 +20,27 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+    T5ForSequenceClassification,
+    XLNetConfig,
+    XLNetForSequenceClassification,
 )
 
 from peftlab.errors import UserError
 from peftlab.modelmap import LinearSite, ModelMap, build_model_map
+from peftlab.placement import select_targets
 
 
 def _layer0(model_map: ModelMap) -> list[tuple[str, str]]:
     """(block-relative name, role) of layer 0's sites, in module order."""
-    prefix = model_map.block_prefix + ".0."
+    prefix = model_map.block_name(0) + "."
     return [(s.name[len(prefix):], s.role) for s in model_map.sites if s.layer == 0]
 
 
@@ -300,3 +310,108 @@ def test_not_strict_keeps_unresolved_linears_for_explicit_targets():
     assert flat.n_layers == 0
     partial = build_model_map(_Tiny(mlp_linears=1), strict=False)
     assert partial.by_name()["blocks.1.w1"] == LinearSite("blocks.1.w1", 1, "other", 8, 16)
+
+
+# --- several block lists: the language model's, or both stacks of an encoder-decoder ------------------
+
+
+def tiny_t5_config(**overrides) -> T5Config:
+    """Encoder 2 blocks, decoder 3: the longest list is the decoder's, which alone is not the model."""
+    return T5Config(**{"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 3,
+                       "num_heads": 4, "vocab_size": 100, **overrides})
+
+
+def test_t5_maps_both_stacks_with_unequal_depth():
+    model_map = build_model_map(_on_meta(lambda: T5ForConditionalGeneration(tiny_t5_config())))
+    assert model_map.stacks == (("encoder.block", 2), ("decoder.block", 3))
+    assert model_map.n_layers == 5 and model_map.block_prefix == ""
+    assert [model_map.block_name(i) for i in (0, 1, 2, 4)] == ["encoder.block.0", "encoder.block.1",
+                                                               "decoder.block.0", "decoder.block.2"]
+    assert model_map.note.endswith("layers 0-1 encoder.block, 2-4 decoder.block")
+    assert _layer0(model_map) == [("layer.0.SelfAttention.q", "attn_q"), ("layer.0.SelfAttention.k", "attn_k"),
+                                  ("layer.0.SelfAttention.v", "attn_v"), ("layer.0.SelfAttention.o", "attn_out"),
+                                  ("layer.1.DenseReluDense.wi", "mlp_in"), ("layer.1.DenseReluDense.wo", "mlp_out")]
+    decoder = [s for s in model_map.sites if s.layer == 2]  # self-attention, cross-attention, MLP
+    assert {s.name for s in decoder} >= {"decoder.block.0.layer.1.EncDecAttention.q",
+                                         "decoder.block.0.layer.2.DenseReluDense.wo"}
+    adapted = {t.layer for t in select_targets(model_map, "all_linear")}
+    assert adapted == {0, 1, 2, 3, 4}  # the encoder is adapted too
+    equal = build_model_map(_on_meta(lambda: T5ForConditionalGeneration(tiny_t5_config(num_decoder_layers=2))))
+    assert equal.stacks == (("encoder.block", 2), ("decoder.block", 2))  # once refused as ambiguous
+
+
+def test_gemma3_adapts_the_language_model_not_the_deeper_vision_tower():
+    """The real transformers Gemma3ForConditionalGeneration, tiny, on the meta device."""
+    text = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 300, "sliding_window": 16}
+    vision = {"num_hidden_layers": 3, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+              "image_size": 28, "patch_size": 14}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    model_map = build_model_map(_on_meta(lambda: Gemma3ForConditionalGeneration(config)))
+    assert (model_map.block_prefix, model_map.n_layers) == ("model.language_model.layers", 2)
+    assert not any("vision_tower" in s.name for s in model_map.sites)
+    assert _layer0(model_map) == LLAMA_LAYER0
+    assert model_map.head_names == ("lm_head",)
+
+
+class _TwoTowers(nn.Module):
+    """Two block lists, neither beside token embeddings nor an encoder-decoder's: nothing to tell them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.ModuleList(_Block(8) for _ in range(2))
+        self.right = nn.ModuleList(_Block(8) for _ in range(3))
+
+
+def test_several_block_lists_that_cannot_be_told_apart_are_refused_by_name():
+    with pytest.raises(UserError) as error:
+        build_model_map(_TwoTowers())
+    message = str(error.value)
+    assert "2 block lists were found and none is recognisably the language model's: left (2 blocks), " \
+           "right (3 blocks)" in message
+    assert "no block list" not in message and "method.targets" in message
+    loose = build_model_map(_TwoTowers(), strict=False)  # explicit targets still work
+    assert loose.n_layers == 0 and {s.role for s in loose.sites} == {"other"}
+
+
+# --- scalar gates and heads no name table lists --------------------------------------------------------
+
+
+def tiny_qwen2_moe_config() -> Qwen2MoeConfig:
+    return Qwen2MoeConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                          shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+
+
+def test_qwen2_moe_shared_expert_gate_is_a_scalar_gate_not_an_mlp_projection():
+    model_map = build_model_map(_on_meta(lambda: Qwen2MoeForCausalLM(tiny_qwen2_moe_config())))
+    assert _layer0(model_map)[4:] == [("mlp.shared_expert.gate_proj", "mlp_in"),
+                                      ("mlp.shared_expert.up_proj", "mlp_in"),
+                                      ("mlp.shared_expert.down_proj", "mlp_out"),
+                                      ("mlp.shared_expert_gate", "scalar_gate")]
+    for placement in ("all_linear", "mlp_only"):
+        assert not any(t.name.endswith("shared_expert_gate") for t in select_targets(model_map, placement))
+    explicit = select_targets(model_map, targets=["shared_expert_gate"])  # still adaptable when named
+    assert [t.name for t in explicit] == [f"model.layers.{i}.mlp.shared_expert_gate" for i in (0, 1)]
+
+
+def test_heads_beside_the_base_model_are_found_without_a_name_table():
+    xlnet = build_model_map(_on_meta(lambda: XLNetForSequenceClassification(XLNetConfig(
+        d_model=32, n_layer=2, n_head=4, d_inner=64, vocab_size=100, num_labels=3))))
+    assert xlnet.head_modules == ("sequence_summary", "logits_proj")
+    assert xlnet.head_names == ("sequence_summary.summary", "logits_proj")
+    t5 = build_model_map(_on_meta(lambda: T5ForSequenceClassification(tiny_t5_config(num_labels=3))))
+    assert t5.head_modules == ("classification_head",)
+    assert t5.head_names == ("classification_head.dense", "classification_head.out_proj")
+    assert t5.stacks == (("transformer.encoder.block", 2), ("transformer.decoder.block", 3))
+    bert = build_model_map(tiny_bert())
+    assert bert.head_modules == ("bert.pooler.dense", "classifier")
+
+
+def test_new_weights_outside_the_base_model_are_head_modules():
+    model = _Tiny()
+    del model.lm_head
+    model.proj = nn.Linear(8, 3)  # no head name, and no base model to stand beside
+    assert build_model_map(model).head_modules == ()
+    model_map = build_model_map(model, new_weights=("proj.weight", "proj.bias"))
+    assert model_map.head_modules == ("proj",) and model_map.head_names == ("proj",)

@@ -73,3 +73,13 @@ def test_count_params_dedups_tied_weights():
     unique = {id(p): p.numel() for m in model.modules() for p in m.parameters(recurse=False)}
     assert count_params(model)[1] == sum(unique.values())
     assert count_params(model)[1] < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+
+
+def test_last_blocks_of_an_encoder_decoder_are_the_decoder_s():
+    """Layers number through the encoder stack, then the decoder's: the last two are decoder blocks 1-2."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
+                                                num_heads=4, vocab_size=50))
+    _partial(model, last_n=2, bitfit=False, train_head=False)
+    assert {name.split(".layer.")[0] for name in _trainable(model)} == {"decoder.block.1", "decoder.block.2"}

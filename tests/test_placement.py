@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox, tiny_phi3
+from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
 
 from peftlab.errors import UserError
 from peftlab.modelmap import ModelMap, build_model_map
@@ -193,6 +195,25 @@ def test_unknown_slice_is_refused():
         select_targets(_map("gpt2"), targets=["c_attn:x"])
     with pytest.raises(UserError, match="not a fused projection"):
         select_targets(_map("llama"), targets=["q_proj:q"])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: FalconForCausalLM(FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                           vocab_size=100)),
+    lambda: BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=100)),
+], ids=["falcon", "bloom"])
+def test_slicing_a_fused_projection_of_unknown_layout_says_so(build):
+    """Falcon's and Bloom's query_key_value are fused, but how q, k and v interleave is not known to peftlab."""
+    with torch.device("meta"):
+        model_map = build_model_map(build())
+    with pytest.raises(UserError) as error:
+        select_targets(model_map, targets=["query_key_value:q,v"])
+    message = str(error.value)
+    assert "not a fused projection" not in message
+    assert ("its output layout is not known to peftlab, so it cannot be sliced; layouts known: gpt2 attn.c_attn, "
+            "gpt_neox attention.query_key_value, phi3 self_attn.qkv_proj, phi3 mlp.gate_up_proj; adapt the whole "
+            "module instead") in message
+    assert select_targets(model_map, targets=["query_key_value"])  # the whole module is adaptable
 
 
 def test_entry_matching_nothing_lists_available_names():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from transformers import LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from peftlab.config import MethodConfig, RankConfig
+from peftlab.errors import UserError
 from peftlab.methods import Prepared, prepare
 from peftlab.methods.lora import LoRALinear
 from peftlab.modelmap import build_model_map
@@ -115,3 +116,52 @@ def test_meta_device_counts_without_allocating():
     prepared = _prepare(skeleton, name="lora", placement="all_linear", dora=True)
     assert all(p.is_meta for p in skeleton.parameters())
     assert (prepared.trainable_params, prepared.total_params) == (expected.trainable_params, expected.total_params)
+
+
+# --- the budget schedule pays for everything the method trains ------------------------------------
+
+BUDGET_CASES = {
+    # DoRA: one magnitude per adapted row on top of A and B (mlp_in rows outnumber inputs 2:1)
+    "dora": (tiny_llama, False, {"targets": ["mlp_in"], "dora": True}),
+    # classification: the head (BERT's classifier and pooler) trains too
+    "head": (tiny_bert, True, {"placement": "attention_only"}),
+    # a causal LM's lm_head trained by choice
+    "train_head": (tiny_llama, False, {"placement": "attention_only", "train_head": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUDGET_CASES))
+def test_budget_picks_the_rank_whose_real_trainable_count_is_closest(case):
+    build, task_head, method = BUDGET_CASES[case]
+    real = {r: _prepare(build(), task_head, name="lora", ranks=RankConfig(r=r), **method).trainable_params
+            for r in (2, 3, 4, 5, 6)}
+    budget = real[3] + 1  # r = 3 is off by 1; every other rank is farther, by a whole rank's cost or more
+    prepared = _prepare(build(), task_head, name="lora", ranks=RankConfig(schedule="budget", budget=budget), **method)
+    assert set(prepared.ranks.values()) == {3}
+    assert prepared.trainable_params == real[3]
+
+
+# --- scalar gates, heads ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", ["all_linear", "mlp_only"])
+def test_qwen2_moe_named_placements_leave_the_scalar_gate_alone(placement):
+    config = Qwen2MoeConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(config)
+    prepared = _prepare(model, name="lora", placement=placement, ranks=RankConfig(r=8))
+    names = {t.name.split(".", 3)[3] for t in prepared.targets}
+    assert "mlp.shared_expert_gate" not in names
+    assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"} <= names
+    assert set(prepared.ranks.values()) == {8}
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[3, 4, 5]])).logits.isfinite().all()
+
+
+def test_training_a_head_that_is_not_there_is_refused():
+    encoder = BertModel(BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, vocab_size=100))
+    with pytest.raises(UserError, match="no head was found in this model"):
+        _prepare(encoder, True, name="lora", placement="attention_only")

@@ -40,6 +40,15 @@ def test_lora_param_count_closed_form():
     assert lora_param_count(Target(c_attn, ("q", "v")), 8) == 8 * (32 + 64)  # B covers adapted rows only
     c_fc = gpt2["transformer.h.0.mlp.c_fc"]  # 32 -> 128
     assert lora_param_count(Target(c_fc), 4) == 4 * (32 + 128)
+    # DoRA adds one magnitude per adapted output row, whatever the rank
+    assert lora_param_count(Target(c_attn, ("q", "v")), 8, dora=True) == 8 * (32 + 64) + 64
+
+
+def test_budget_rank_counts_dora_magnitudes_and_fixed_parameters():
+    targets = _layered_targets(2, width=10)  # per rank: 2 layers x 2 roles x 20 = 80; magnitudes: 40
+    assert budget_rank(targets, 300) == 4  # 320 is 20 off, 240 is 60 off
+    assert budget_rank(targets, 300, dora=True) == 3  # 40 + 3 * 80 = 280 is 20 off, 360 is 60 off
+    assert budget_rank(targets, 300, fixed_params=200) == 1  # 200 + 80 = 280
 
 
 def test_rank_limit_is_the_full_update_rank(llama_targets):

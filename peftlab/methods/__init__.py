@@ -46,6 +46,8 @@ def prepare(model: nn.Module, cfg: MethodConfig, model_map: ModelMap, *, train_h
     """
     train_head = train_head or bool(cfg.train_head)
     model.requires_grad_(False)
+    if train_head:  # first, so that a budget schedule counts the head among what the method trains
+        set_head_trainable(model, model_map)
     targets: list[Target] = []
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -63,8 +65,6 @@ def prepare(model: nn.Module, cfg: MethodConfig, model_map: ModelMap, *, train_h
         apply_full(model)
     else:  # MethodConfig validates the name; reaching here is a bug
         raise ValueError(f"unknown method {cfg.name!r}")
-    if train_head:
-        set_head_trainable(model, model_map)
     trainable, total = count_params(model)
     if trainable == 0:
         raise UserError(f"method {cfg.name} trains no parameters on this model "
@@ -76,7 +76,9 @@ def _prepare_lora(model: nn.Module, cfg: MethodConfig,
                   model_map: ModelMap) -> tuple[list[Target], dict[str, int], dict[str, float]]:
     """Targets from the placement spec, ranks from the schedule, then wrap; rank-0 targets are dropped."""
     selected = placement.select_targets(model_map, cfg.placement, cfg.layers, cfg.targets)
-    ranks = rank_schedules.allocate_ranks(selected, cfg.ranks, model_map.n_layers)
+    head = count_params(model)[0]  # what already trains (the head): a budget pays for it too
+    ranks = rank_schedules.allocate_ranks(selected, cfg.ranks, model_map.n_layers, dora=cfg.dora,
+                                          fixed_params=head)
     alphas = rank_schedules.alphas_for(ranks, cfg.alpha, cfg.alpha_policy)
     apply_lora(model, selected, ranks, alphas, dropout=cfg.dropout, rslora=cfg.rslora, dora=cfg.dora)
     targets = [t for t in selected if t.name in ranks]

@@ -62,6 +62,11 @@ class AdaptedOutput(nn.Module):
         self.base = base
         self.adapter = adapter
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped projection's weight: model code reads it (T5's MLP checks ``wo.weight.dtype``)."""
+        return self.base.weight
+
     def forward(self, x: Tensor) -> Tensor:
         return self.adapter(self.base(x))
 

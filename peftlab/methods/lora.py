@@ -108,6 +108,12 @@ class LoRALinear(nn.Module):
         # The base rows as they were before merge(), so unmerge() restores them bit for bit.
         self.register_buffer("_unmerged_rows", None, persistent=False)
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped layer's weight, as peft's LoRA layers expose it: model code reads it (T5's MLP
+        checks ``wo.weight.dtype`` before calling ``wo``)."""
+        return self.base.weight
+
     # --- pieces ------------------------------------------------------------------------------
 
     def _base_rows(self) -> Tensor:
