@@ -59,10 +59,12 @@ def export_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_nam
                         task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Path:
     """Write the model's LoRA modules as a peft LoRA adapter (``adapter_config.json`` + safetensors).
 
-    The result loads with ``peft.PeftModel.from_pretrained(base_model, out_dir)``. ``modules_to_save``
-    are full module names saved whole (a trained head); with task_type ``SEQ_CLS`` it defaults to the
-    head modules a classification run trains (e.g. BERT's classifier and pooler). Fused-slice LoRA
-    (only some of a fused projection's output rows) has no peft equivalent: use ``export_merged``.
+    The result loads with ``peft.PeftModel.from_pretrained(base_model, out_dir)`` and computes what
+    ``model`` computes. ``modules_to_save`` are full module names saved whole; by default, every module
+    holding a trainable parameter outside LoRA (a head trained with train_head, and the embeddings
+    tied to it), and with task_type ``SEQ_CLS`` also the classification head modules (e.g. BERT's
+    classifier and pooler). Fused-slice LoRA (only some of a fused projection's output rows) has no
+    peft equivalent: use ``export_merged``.
     """
     modules = _exportable_modules(model)
     heads = _heads_to_save(model, modules, task_type, modules_to_save)
@@ -99,7 +101,8 @@ def _flag(module: LoRALinear, flag: str) -> bool:
 def _heads_to_save(model: nn.Module, modules: Mapping[str, LoRALinear], task_type: str,
                    modules_to_save: list[str] | None) -> list[str]:
     if modules_to_save is None:
-        modules_to_save = _classifier_heads(model) if task_type == "SEQ_CLS" else []
+        classifier = _classifier_heads(model) if task_type == "SEQ_CLS" else []
+        modules_to_save = _outermost([*classifier, *_trained_modules(model, modules)])
     names = dict(model.named_modules())
     for head in modules_to_save:
         if head not in names:
@@ -110,19 +113,42 @@ def _heads_to_save(model: nn.Module, modules: Mapping[str, LoRALinear], task_typ
     for name in modules:
         clash = [h for h in guarded if re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", name)]
         if clash:
-            raise UserError(f"LoRA module {name} lies inside modules_to_save {clash[0]!r}; peft cannot load "
-                            "LoRA inside a saved module")
+            raise UserError(f"LoRA module {name} lies inside modules_to_save {clash[0]!r} (saved whole because "
+                            "it is the head or its parameters train); peft cannot load LoRA inside a saved "
+                            "module: freeze what is not trained (methods.prepare does) or name modules_to_save")
     return list(modules_to_save)
 
 
+def _trained_modules(model: nn.Module, modules: Mapping[str, LoRALinear]) -> list[str]:
+    """The modules owning a trainable parameter outside LoRA, under every name the parameter has.
+
+    A head trained with train_head must travel with the adapter, or the adapter reproduces another
+    model than the one trained and evaluated. Tied weights (GPT-2's lm_head is wte's weight) are one
+    parameter under two modules: both are saved, or peft would load one trained and one not.
+    """
+    owners = []
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if not parameter.requires_grad or any(name.startswith(m + ".") for m in modules):
+            continue
+        owner = name.rpartition(".")[0]
+        if not owner:
+            raise UserError(f"parameter {name} trains but belongs to no submodule, so peft cannot save it")
+        owners.append(owner)
+    return owners
+
+
+def _outermost(names: Iterable[str]) -> list[str]:
+    """Distinct names, dropping any inside another (RoBERTa's "classifier" holds "classifier.dense")."""
+    found = list(dict.fromkeys(names))
+    return [name for name in found if not any(name.startswith(other + ".") for other in found)]
+
+
 def _classifier_heads(model: nn.Module) -> list[str]:
-    """The head modules a classification run trains: the model map's heads (the set ``prepare`` keeps
-    trainable with train_head, e.g. BERT's classifier and pooler) plus peft's own classifier names."""
-    mapped = build_model_map(model, strict=False).head_names  # strict=False: LoRA wrappers are unmapped linears
+    """The head modules a classification run trains: the model map's head modules (the set ``prepare``
+    keeps trainable with train_head, e.g. BERT's classifier and pooler) plus peft's own classifier names."""
+    mapped = build_model_map(model, strict=False).head_modules  # strict=False: LoRA wrappers are unmapped
     named = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in _PEFT_CLASSIFIER_NAMES]
-    found = list(dict.fromkeys([*named, *mapped]))
-    # keep the outermost module: RoBERTa's "classifier" already contains "classifier.dense"
-    heads = [name for name in found if not any(name.startswith(other + ".") for other in found)]
+    heads = _outermost([*named, *mapped])
     if not heads:
         raise UserError("task_type SEQ_CLS but the model has no classification head ('classifier' or 'score'); "
                         "name it in modules_to_save")

@@ -11,8 +11,10 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from peftlab.config import MethodConfig, RankConfig
 from peftlab.errors import UserError
 from peftlab.export import export_merged, export_peft_adapter, import_peft_adapter
+from peftlab.methods import prepare
 from peftlab.methods.lora import LoRALinear, apply_lora, lora_modules
 from peftlab.modelmap import build_model_map
 from peftlab.placement import Target, select_targets
@@ -34,7 +36,11 @@ def tiny_llama_12() -> LlamaForCausalLM:
 
 def add_lora(model: nn.Module, placement: str = "all_linear", *, rank: Callable[[Target], int] = lambda t: 4,
              seed: int = 1, **options) -> dict[str, LoRALinear]:
-    """peftlab LoRA with alpha = 2r and a random B (a zero B would make every comparison trivial)."""
+    """peftlab LoRA with alpha = 2r and a random B (a zero B would make every comparison trivial).
+
+    The model is frozen first, as methods.prepare does: whatever else trains is exported whole.
+    """
+    model.requires_grad_(False)
     targets = select_targets(build_model_map(model), placement, "all", None)
     ranks = {t.name: rank(t) for t in targets}
     wrapped = apply_lora(model, targets, ranks, {name: 2.0 * r for name, r in ranks.items()}, **options)
@@ -218,6 +224,29 @@ def test_bert_classifier_head_round_trips(tmp_path, input_ids):
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(ours, input_ids), atol=1e-5, rtol=0)
     fresh = tiny_bert()
+    import_peft_adapter(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh, input_ids), logits(ours, input_ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("builder, saved", [
+    (tiny_gpt2, ["transformer.wte", "lm_head"]),  # lm_head's weight is wte's: both travel, or one stays untrained
+    (tiny_llama, ["lm_head"]),
+], ids=["gpt2-tied", "llama"])
+def test_lora_with_a_trained_causal_head_exports_the_model_that_was_trained(builder, saved, tmp_path, input_ids):
+    ours = builder()
+    method = MethodConfig(name="lora", placement="attention_only", ranks=RankConfig(r=4), train_head=True)
+    prepare(ours, method, build_model_map(ours), train_head=False)  # a causal LM: the head by choice
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # stand-in for training: every trainable parameter moves
+        for parameter in ours.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    export_peft_adapter(ours, tmp_path, base_model_name_or_path="tiny/causal")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == saved
+
+    loaded = PeftModel.from_pretrained(builder(), tmp_path)
+    torch.testing.assert_close(logits(loaded, input_ids), logits(ours, input_ids), atol=1e-5, rtol=0)
+    fresh = builder()
     import_peft_adapter(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh, input_ids), logits(ours, input_ids), atol=1e-6, rtol=0)
 
