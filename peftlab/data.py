@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,9 @@ class TaskData:
     label_names: list[str] | None
     eval_prompts: list[tuple[str, str]]  # instruction: (prompt text, reference output) of eval records
     dropped: int = 0  # records left out: a missing value, or no response token fits in max_length
+    # Data that trains, but maybe not as meant (a label only in eval, a class with no example, empty
+    # prompts): one line each, with counts, for the run to log and put in summary.json.
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
@@ -281,7 +285,19 @@ def _instruction(records: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskDa
     return TaskData(train=[example for example, _ in train], eval=[example for example, _ in eval_pairs],
                     num_labels=None, label_names=None,
                     eval_prompts=[(format_prompt(record), str(record["output"])) for _, record in eval_pairs],
-                    dropped=dropped_train + dropped_eval)
+                    dropped=dropped_train + dropped_eval, warnings=_empty_text_warnings(records))
+
+
+def _empty_text_warnings(records: list[dict]) -> list[str]:
+    """One warning per instruction field that is empty (or blank) in some records, with the count."""
+    effects = {"instruction": "their prompt is the template alone",
+               "output": "their response is the end-of-text token alone"}
+    warnings = []
+    for name, effect in effects.items():
+        empty = sum(1 for record in records if not str(record[name]).strip())
+        if empty:
+            warnings.append(f"{empty} of {len(records)} records have an empty {name}: {effect}")
+    return warnings
 
 
 def _encode_instructions(records: list[dict], cfg: DataConfig,
@@ -333,14 +349,48 @@ def _classification(records: list[dict], cfg: DataConfig, tokenizer: Any,
     # Map labels over all records before splitting, so train and eval share one id order.
     names, ids = label_mapping([r["label"] for r in records], cfg.labels, class_names)
     train_idx, eval_idx = split_indices(len(records), cfg)
+    _check_train_classes(names, [ids[i] for i in train_idx], cfg.split_mode)
+    inferred = not cfg.labels and not class_names and all(name == str(i) for i, name in enumerate(names))
 
     def encode(indices: list[int]) -> list[dict]:
         texts = [str(records[i]["text"]) for i in indices]
         encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
         return [{"input_ids": ids_, "label": ids[i]} for ids_, i in zip(encoded, indices)]
 
+    warnings = _label_warnings(names, ids, [ids[i] for i in train_idx], [ids[i] for i in eval_idx], inferred)
     return TaskData(train=encode(train_idx), eval=encode(eval_idx), num_labels=len(names),
-                    label_names=names, eval_prompts=[])
+                    label_names=names, eval_prompts=[], warnings=warnings)
+
+
+def _check_train_classes(names: list[str], train_ids: list[int], split_mode: str) -> None:
+    """A classifier trained on one class learns a constant: refuse it."""
+    seen = sorted(set(train_ids))
+    if len(seen) == 1:  # none at all is the split's to refuse
+        hint = " (a contiguous split trains on the first rows only)" if split_mode == "contiguous" else ""
+        raise UserError(f"classification needs at least two classes in the training data, but all "
+                        f"{len(train_ids)} training examples are {names[seen[0]]!r}{hint}")
+
+
+def _label_warnings(names: list[str], ids: list[int], train_ids: list[int], eval_ids: list[int],
+                    inferred: bool) -> list[str]:
+    """Classes without any example, and eval labels the model never sees in training, with counts."""
+    warnings = []
+    present, trained = set(ids), set(train_ids)
+    absent = [names[i] for i in range(len(names)) if i not in present]
+    if absent:
+        why = (f"integer labels are class ids, so labels up to {len(names) - 1} make {len(names)} classes; "
+               "renumber them 0..K-1" if inferred else "the classifier still has an output for each")
+        warnings.append(f"{len(absent)} of {len(names)} classes have no example ({_shown(absent)}): {why}")
+    unseen = Counter(names[i] for i in eval_ids if i not in trained)
+    if unseen:
+        counts = ", ".join(f"{name!r}: {count}" for name, count in unseen.most_common())
+        warnings.append(f"{sum(unseen.values())} of {len(eval_ids)} eval examples have a label that no training "
+                        f"example has ({counts}): the model cannot learn to predict it")
+    return warnings
+
+
+def _shown(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 # --- causal LM ----------------------------------------------------------------------------------

@@ -179,6 +179,62 @@ def test_class_label_names_of_a_dataset_are_used(tok, tmp_path):
     assert task.label_names == ["neg", "pos"] and len(task.train) == 16
 
 
+def write_labels(path, labels: list) -> str:
+    """A JSONL classification file: one record per label, text from WORDS."""
+    words = WORDS.split()
+    return write_jsonl(path, [{"text": f"{words[i % 19]} {words[(i * 5) % 19]}", "label": label}
+                              for i, label in enumerate(labels)])
+
+
+def test_one_class_in_the_training_data_is_a_user_error(tok, tmp_path):
+    source = write_labels(tmp_path / "one.jsonl", ["good"] * 20)
+    with pytest.raises(UserError, match=r"at least two classes in the training data, but all 15 training "
+                                        r"examples are 'good'$"):
+        load_task_data(DataConfig(source=source, eval_size=5), "classification", tok)
+    # the first rows hold one class only: the contiguous split trains on them alone
+    source = write_labels(tmp_path / "sorted.jsonl", ["bad"] * 10 + ["good"] * 10)
+    cfg = DataConfig(source=source, split_mode="contiguous", train_size=10, eval_size=10)
+    with pytest.raises(UserError, match="all 10 training examples are 'bad' .*contiguous") as error:
+        load_task_data(cfg, "classification", tok)
+    assert "\n" not in str(error.value)
+
+
+def test_labels_only_in_the_eval_set_are_warned_about_with_counts(tok, tmp_path):
+    source = write_labels(tmp_path / "d.jsonl", ["a", "b"] * 5 + ["a", "c", "c", "d", "b"])
+    cfg = DataConfig(source=source, split_mode="contiguous", train_size=10, eval_size=5)
+    task = load_task_data(cfg, "classification", tok)
+    assert task.label_names == ["a", "b", "c", "d"]
+    assert task.warnings == ["3 of 5 eval examples have a label that no training example has ('c': 2, 'd': 1): "
+                             "the model cannot learn to predict it"]
+
+
+def test_integer_labels_with_gaps_are_warned_about_with_counts(tok, tmp_path):
+    source = write_labels(tmp_path / "d.jsonl", [0, 5] * 10)
+    task = load_task_data(DataConfig(source=source, eval_size=4), "classification", tok)
+    assert task.num_labels == 6  # labels are ids: 0..5
+    assert task.warnings == ["4 of 6 classes have no example (1, 2, 3, 4): integer labels are class ids, so labels "
+                             "up to 5 make 6 classes; renumber them 0..K-1"]
+    named = load_task_data(DataConfig(source=source, eval_size=4, labels=list("abcdef")), "classification", tok)
+    assert named.warnings == ["4 of 6 classes have no example (b, c, d, e): the classifier still has an output "
+                              "for each"]
+    clean = load_task_data(DataConfig(source=write_labels(tmp_path / "c.jsonl", [0, 1] * 10), eval_size=4),
+                           "classification", tok)
+    assert clean.warnings == []
+
+
+def test_empty_instructions_and_outputs_are_warned_about_with_counts(tok, tmp_path):
+    rows = records(20)
+    for i in (0, 3, 7):
+        rows[i]["instruction"] = ""
+    rows[5]["output"] = "  "
+    task = load_task_data(DataConfig(source=write_jsonl(tmp_path / "d.jsonl", rows), eval_size=4), "instruction", tok)
+    assert task.warnings == ["3 of 20 records have an empty instruction: their prompt is the template alone",
+                             "1 of 20 records have an empty output: their response is the end-of-text token alone"]
+    clean = load_task_data(DataConfig(source=write_jsonl(tmp_path / "c.jsonl", records(20)), eval_size=4),
+                           "instruction", tok)
+    assert clean.warnings == []
+
+
 # --- causal LM ----------------------------------------------------------------------------------
 
 
