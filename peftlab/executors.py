@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .config import config_to_dict
 from .errors import UserError
+from .locking import folder_lock
 from .stopping import GracefulStop
 from .sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
 
@@ -229,11 +230,17 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", addr
                         else f"--executor {executor!r}: use local or ray")
     out = Path(out)
     trials = expand(spec, out)
+    with folder_lock(out, "sweep"):  # one sweep per folder: two would train the same runs into the same folders
+        return _run_sweep_locked(spec, out, trials, executor, address, resume, echo, progress)
+
+
+def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor: str, address: str | None,
+                      resume: bool, echo: bool, progress: Progress) -> list[dict[str, Any]]:
     todo = plan(trials, out, resume=resume)
     write_sweep_file(spec, trials, out)
     runs = [t for t in trials if not t.is_reference]
     trained = [t for t in runs if t.alias_of is None]
-    done = len(trials) - len(todo) - (len(runs) - len(trained))
+    done = len(trained) - sum(not t.is_reference for t, _ in todo)
     progress(f"{spec.name}: {len(runs)} runs ({len(spec.strategies)} strategies x "
              f"{len(runs) // (len(spec.strategies) * len(spec.seeds))} grid points x {len(spec.seeds)} seeds)"
              + _aliases_note(runs) + (f", {done} already done" if done else "") + f", into {out}")
