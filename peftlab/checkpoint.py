@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .diskio import remove_quietly, writing
 from .errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"  # its presence means "a checkpoint exists" (run.py, sweep.py)
@@ -60,7 +61,8 @@ class _Refused(Exception):
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: TrainState, history: list[dict]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
     tensors = {PARAM + name: _plain(p) for name, p in model.named_parameters() if p.requires_grad}
     tensors.update(optimizer_tensors)
@@ -70,8 +72,13 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 "optimizer": optimizer_json, "scheduler": scheduler_state}
     path = directory / CHECKPOINT_FILE
     temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(document)})
-    os.replace(temporary, path)
+    with writing(path):  # a full or read-only disk: one line, and the previous checkpoint kept
+        try:
+            save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(document)})
+            os.replace(temporary, path)
+        except BaseException:
+            remove_quietly(temporary)
+            raise
     return path
 
 

@@ -15,13 +15,13 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import figures, verdicts
+from .diskio import write_atomic, writing
 from .errors import UserError
 from .render import Block, render_html, render_markdown
 from .stats import (Comparison, GroupStats, Spread, Stat, aggregate, compare_all, group_label,
@@ -72,11 +72,24 @@ def _load_run(run_dir: Path, listed: dict[str, Any]) -> RunRecord:
             **{k: v for k, v in listed.items() if v is not None}}
     config = (summary or {}).get("config") or {}
     status = summary.get("status", "failed") if summary else "unfinished"
+    damage = _damage(run_dir / "summary.json") if summary is None else None
     return RunRecord(
         run_id=info.get("run_id", run_dir.name), strategy=info.get("strategy", run_dir.name),
         strategy_index=info.get("strategy_index", 0), grid=info.get("grid") or {},
         seed=info.get("seed", (config.get("train") or {}).get("seed")), status=status,
-        reason=_reason(status, summary), summary=summary, directory=run_dir)
+        reason=damage or _reason(status, summary), summary=summary, directory=run_dir)
+
+
+def _damage(path: Path) -> str | None:
+    """Why a summary.json that is there could not be read (a truncated copy), or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        json.loads(path.read_bytes().decode("utf-8"))
+        why = "not a JSON object"
+    except (OSError, ValueError) as error:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"summary.json is damaged ({why}): move it away, and peftlab sweep --resume redoes the run"
 
 
 def stray_folders(directory: Path, trials: list[dict[str, Any]] | None) -> list[str]:
@@ -89,9 +102,10 @@ def stray_folders(directory: Path, trials: list[dict[str, Any]] | None) -> list[
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _reason(status: str, summary: dict[str, Any] | None) -> str:
@@ -197,13 +211,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def _write_text_atomic(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(text, bytes):
-        temporary.write_bytes(text)
-    else:
-        temporary.write_text(text)
-    os.replace(temporary, path)
+    write_atomic(path, text)  # a full or read-only disk: one line naming the file, no temp file left
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -285,7 +293,8 @@ def make_report(directory: str | Path, baseline: str | None = None) -> dict[str,
     rows, columns = summary_rows(analysis.groups, metrics, analysis.grid_keys)
     write_csv(directory / "summary.csv", rows + reference_rows(analysis, metrics), columns)
     write_csv(directory / "comparisons.csv", verdicts.comparison_rows(analysis.comparisons), verdicts.COLUMNS)
-    figure_paths = _figures(analysis, directory / "figures")
+    with writing(directory / "figures"):
+        figure_paths = _figures(analysis, directory / "figures")
     blocks = document(analysis, figure_paths, directory)
     _write_text_atomic(directory / "report.md", render_markdown(blocks))
     _write_text_atomic(directory / "report.html", render_html(blocks, directory, analysis.name))

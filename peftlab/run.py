@@ -9,16 +9,23 @@ Output directory:
                    (neither for a diverged or collapsed run: its weights are not worth keeping)
   train.log        messages, including the placement map
   checkpoint.pt    the latest checkpoint (removed once training has run to its end)
+  .lock            flock'd while a process works in the folder (locking.py); holds that process's pid
+
+Nothing but .lock is written before the data, the model and the method are ready (a mistake found while
+loading leaves the folder reusable), and a full or read-only disk stops the run with one line (diskio.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,9 @@ import yaml
 from safetensors.torch import save_file
 
 from .checkpoint import CHECKPOINT_FILE, has_checkpoint
-from .config import RunConfig, config_to_dict, from_dict
+from .config import RunConfig, config_to_dict, from_dict, load_yaml
 from .data import TaskData, load_task_data
+from .diskio import DiskError, remove_quietly, temporary_path, write_atomic, writing
 from .errors import UserError
 from .evaluate import EvalResult, generate_samples
 from .export import export_peft_adapter
@@ -40,13 +48,17 @@ from .params import count_params
 from .placement import format_placement_map
 from .resources import (data_sha256, environment, load_average, model_sha256, peak_memory, reset_peak_memory,
                         resolve_device, seed_everything)
-from .tracking import MetricsLog, finite_only
+from .locking import LOCK_FILE, folder_lock
+from .sweep import TRIAL_FILE
+from .tracking import MetricsLog, finite_only, read_records
 from .train import TrainOutcome, eval_divergence, evaluate_on, train
 
 SMALL_EVAL_WARNING = 100  # fewer eval examples than this cannot separate close strategies
 COLLAPSE_MARGIN = 1.0  # nats worse than the untrained base model on the same eval set: collapsed
 UNIFORM_SLACK = 1e-3  # nats: float32 sums of a uniform model's losses land a hair off ln(V)
 FINISHED = ("completed", "collapsed")  # training ran to its end: --resume returns the summary
+# what a run (or a sweep, for its runs) writes before training: with no trained step, such a folder is reusable
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", LOCK_FILE, TRIAL_FILE})
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, echo: bool = True,
@@ -59,15 +71,28 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     ``reference_eval_loss``: the untrained base model's eval loss (``evaluate_reference``), so a
     run that ends far worse than where it started is reported as collapsed (see ``check_collapse``).
     """
-    out_dir = Path(out_dir)
-    previous = _check_out_dir(config, out_dir, resume)
+    out_dir, started = Path(out_dir), time.time()
+    previous = _check_out_dir(config, out_dir, resume)  # before the lock: a finished run on read-only media
     if previous is not None:
         return previous
-    log, device, started = _start(config, out_dir, echo)
+    with folder_lock(out_dir, "run"):  # one process per run folder, held to the end
+        previous = _check_out_dir(config, out_dir, resume)  # again: another process may have run meanwhile
+        if previous is not None:
+            return previous
+        return _run_locked(config, out_dir, resume, echo, on_step, model_cache, reference_eval_loss, started)
+
+
+def _run_locked(config: RunConfig, out_dir: Path, resume: bool, echo: bool, on_step: Any,
+                model_cache: BaseModelCache | None, reference_eval_loss: float | None,
+                started: float) -> dict[str, Any]:
+    """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
+    device = resolve_device(config.train.device)
     tokenizer, data, loaded = load_inputs(config, model_cache)
     model = loaded.model
     model_map = build_model_map(model, strict=config.method.targets is None)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
+    # the run is known to start: only now is the folder written (an attempt that trained nothing is cleared)
+    log = _start(config, out_dir, echo, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
                 f"{prepared.total_params:,} parameters ({prepared.percent_trainable:.3f}%)")
     if prepared.targets:
@@ -155,16 +180,29 @@ def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = T
     config.yaml, metrics.jsonl (one eval record at step 0) and train.log. A finished reference of
     the same config in ``out_dir`` is returned as it is, so a resumed sweep does not redo it.
     """
-    out_dir = Path(out_dir)
-    previous = _check_out_dir(config, out_dir, resume=True)
+    out_dir, started = Path(out_dir), time.time()
+    previous = _check_reference_dir(config, out_dir)
     if previous is not None:
-        if previous.get("role") != "reference":
-            raise UserError(f"{out_dir} holds a training run, not a reference evaluation; choose another folder")
         return previous
-    for stale in ("metrics.jsonl", "train.log"):  # an earlier attempt's lines must not mix with this one's
-        (out_dir / stale).unlink(missing_ok=True)
-    log, device, started = _start(config, out_dir, echo)
-    tokenizer, data, loaded = load_inputs(config, model_cache)
+    with folder_lock(out_dir, "reference evaluation"):
+        previous = _check_reference_dir(config, out_dir)
+        if previous is not None:
+            return previous
+        device = resolve_device(config.train.device)
+        tokenizer, data, loaded = load_inputs(config, model_cache)
+        log = _start(config, out_dir, echo, stale=("metrics.jsonl", "train.log"))
+        return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
+
+
+def _check_reference_dir(config: RunConfig, out_dir: Path) -> dict[str, Any] | None:
+    previous = _check_out_dir(config, out_dir, resume=True)
+    if previous is not None and previous.get("role") != "reference":
+        raise UserError(f"{out_dir} holds a training run, not a reference evaluation; choose another folder")
+    return previous
+
+
+def _evaluate_reference(config: RunConfig, out_dir: Path, log: MetricsLog, device: torch.device, started: float,
+                        tokenizer: Any, data: TaskData, loaded: LoadedModel) -> dict[str, Any]:
     model = loaded.model.to(device)
     gc.collect()
     reset_peak_memory(device)
@@ -189,10 +227,13 @@ def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None) ->
     return tokenizer, data, loaded
 
 
-def _start(config: RunConfig, out_dir: Path, echo: bool) -> tuple[MetricsLog, torch.device, float]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return MetricsLog(out_dir, echo=echo), resolve_device(config.train.device), time.time()
+def _start(config: RunConfig, out_dir: Path, echo: bool, stale: tuple[str, ...] = ()) -> MetricsLog:
+    """Write config.yaml and open the logs; ``stale``: files of an earlier attempt to clear first."""
+    for name in stale:  # an earlier attempt's lines must not mix with this one's
+        with writing(out_dir / name):
+            (out_dir / name).unlink(missing_ok=True)
+    write_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return MetricsLog(out_dir, echo=echo)
 
 
 def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:
@@ -215,23 +256,55 @@ def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:
 
 
 def _check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:
-    """Refuse to overwrite a run; on resume, return a finished summary or check the config matches."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    """Refuse to overwrite a run; on resume, return a finished summary or check the config matches.
+
+    A folder that holds no trained step (``holds_training``) and only files a run writes is as good
+    as an empty one, so a command corrected after a mistake (a run that stopped before training)
+    runs into the same --out, with or without --resume.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+    if not out_dir.exists():
+        return None
+    if not holds_training(out_dir):
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+        if others and not resume:
+            raise UserError(f"{out_dir} already holds other files ({', '.join(others[:3])}); choose another --out")
         return None
     if not resume:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
     saved_path = out_dir / "config.yaml"
     if saved_path.exists():
-        saved = from_dict(RunConfig, yaml.safe_load(saved_path.read_text()) or {})
+        saved = from_dict(RunConfig, load_yaml(saved_path))
         if config_to_dict(saved) != config_to_dict(config):
             changed = _changed_keys(config_to_dict(saved), config_to_dict(config))
             raise UserError(f"--resume with a different config than the run in {out_dir} (changed: {', '.join(changed)})")
-    summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("status") in FINISHED:
-            return summary
+    summary = read_summary(out_dir / "summary.json")
+    if summary is not None and summary.get("status") in FINISHED:
+        return summary
     return None
+
+
+def holds_training(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a trained step: a checkpoint, a summary, or a metric line at step >= 1."""
+    if has_checkpoint(out_dir) or (out_dir / "summary.json").exists():
+        return True
+    return any(isinstance(r.get("step"), int) and r["step"] >= 1 for r in read_records(out_dir / "metrics.jsonl"))
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's summary.json, None when there is none; a damaged one is a one-line UserError."""
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:  # a truncated copy, a bad sector: never a traceback
+        summary = error
+    if not isinstance(summary, dict):
+        why = (str(summary).strip().splitlines() or [""])[0] if isinstance(summary, Exception) else "not a JSON object"
+        raise UserError(f"{path} is damaged ({why}); move it away, and --resume redoes the run from its last "
+                        f"checkpoint (or from the start)")
+    return summary
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -250,10 +323,13 @@ def _save_trained(model: torch.nn.Module, prepared: Prepared, out_dir: Path, sou
     if prepared.method == "lora":
         try:
             heads = None  # classification heads are saved by export as modules_to_save
-            path = export_peft_adapter(model, out_dir / "adapter", base_model_name_or_path=source,
-                                       task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-                                       modules_to_save=heads)
+            with _removed_on_failure(out_dir / "adapter"), writing(out_dir / "adapter"):
+                path = export_peft_adapter(model, out_dir / "adapter", base_model_name_or_path=source,
+                                           task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+                                           modules_to_save=heads)
             return {"format": "peft", "path": "adapter", "bytes": _dir_bytes(Path(path))}
+        except DiskError:
+            raise
         except UserError as error:  # fused-slice placements have no peft form
             note = str(error)
     else:
@@ -262,7 +338,15 @@ def _save_trained(model: torch.nn.Module, prepared: Prepared, out_dir: Path, sou
         size = sum(p.numel() * p.element_size() for _, p in model.named_parameters())
         return {"format": "none", "path": None, "bytes": size, "note": "full fine-tuning: size of all weights"}
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(out_dir / "trainable.safetensors"))
+    target = out_dir / "trainable.safetensors"
+    temporary = temporary_path(target)
+    with writing(target):
+        try:
+            save_file(tensors, str(temporary))
+            os.replace(temporary, target)
+        except BaseException:
+            remove_quietly(temporary)
+            raise
     artifact = {"format": "safetensors", "path": "trainable.safetensors", "bytes": (out_dir / "trainable.safetensors").stat().st_size}
     if note:
         artifact["note"] = note
@@ -371,10 +455,18 @@ def majority_class(examples: list[dict], label_names: list[str] | None) -> dict[
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
     """Write ``payload`` without NaN or inf (strict JSON); return what was written, to hand on as is."""
     payload = finite_only(payload)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str, allow_nan=False))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(payload, indent=2, default=str, allow_nan=False))
     return payload
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` when the block fails: a half-written adapter must not pass for a saved one."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _dir_bytes(directory: Path) -> int:

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import RunConfig, apply_overrides, config_to_dict, from_dict, load_yaml
+from .diskio import write_atomic
 from .errors import UserError
 
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
@@ -362,7 +361,7 @@ def trial_status(out_dir: Path) -> str:
     """new | completed | diverged | failed | checkpoint (resumable) | partial (killed before a checkpoint)."""
     summary = out_dir / "summary.json"
     if summary.is_file():
-        status = json.loads(summary.read_text()).get("status", "failed")
+        status = _summary_status(summary)
         if status in DONE_STATUSES:
             return status
     if (out_dir / "checkpoint.pt").is_file():
@@ -370,6 +369,19 @@ def trial_status(out_dir: Path) -> str:
     if summary.is_file():
         return "failed"
     return "partial" if out_dir.exists() and any(out_dir.iterdir()) else "new"
+
+
+def _summary_status(path: Path) -> str:
+    """The status a run's summary.json records; a damaged one (a truncated copy) is a one-line UserError."""
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({(str(error).splitlines() or [''])[0]}); move it away, and "
+                        f"--resume redoes that run from its last checkpoint (or from the start)") from None
+    status = summary.get("status", "failed") if isinstance(summary, dict) else None
+    if not isinstance(status, str):
+        raise UserError(f"{path} is damaged (no status); move it away, and --resume redoes that run")
+    return status
 
 
 def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, bool]]:
@@ -399,7 +411,7 @@ def _check_same_config(trial: Trial) -> None:
     saved = trial.out_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = config_to_dict(from_dict(RunConfig, yaml.safe_load(saved.read_text()) or {}))
+    old = config_to_dict(from_dict(RunConfig, load_yaml(saved)))
     new = config_to_dict(trial.config)
     if old != new:
         changed = [k for k in sorted(flatten(new)) if flatten(old).get(k) != flatten(new).get(k)]
@@ -409,10 +421,7 @@ def _check_same_config(trial: Trial) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Temp file + os.replace: a reader (or a kill) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_sweep_file(spec: SweepSpec, trials: list[Trial], out: Path) -> None:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .diskio import append_line, write_atomic
+
 
 class MetricsLog:
     """Appends metric records to ``metrics.jsonl`` and messages to ``train.log`` (and stderr)."""
@@ -20,25 +22,58 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.directory is not None:
-            with open(self.directory / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(finite_only(record), allow_nan=False) + "\n")
+            append_line(self.directory / "metrics.jsonl", json.dumps(finite_only(record), allow_nan=False))
 
     def message(self, text: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
         if self.directory is not None:
-            with open(self.directory / "train.log", "a") as handle:
-                handle.write(line + "\n")
+            append_line(self.directory / "train.log", line)
         if self.echo:
             print(f"peftlab: {text}", file=sys.stderr)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records a killed run logged after its last checkpoint."""
+    def truncate_after(self, step: int, history: list[dict] | None = None) -> None:
+        """On resume: keep what the log held when the checkpoint at ``step`` was written, each record once.
+
+        Records after ``step`` are dropped. ``history`` (the checkpoint's) decides the evaluations:
+        one is kept only at a step where the checkpoint has one, so the final evaluation, which
+        comes after the last checkpoint, is not logged twice when a run killed before its summary
+        is resumed. Without a checkpoint (step 0, no history) the log is emptied. A torn line (a
+        kill or a full disk mid-write) and a repeated record are dropped.
+        """
         if self.directory is None or not (self.directory / "metrics.jsonl").exists():
             return
         path = self.directory / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        evals = None if history is None else {r.get("step") for r in history if _is_eval(r)}
+        kept, seen = [], set()
+        for record in read_records(path):
+            at, is_eval = record.get("step", 0), _is_eval(record)
+            if not isinstance(at, int) or at > step or (is_eval and evals is not None and at not in evals):
+                continue
+            if (at, is_eval) not in seen:
+                seen.add((at, is_eval))
+                kept.append(json.dumps(finite_only(record), allow_nan=False))
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON object lines of a metrics.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _is_eval(record: dict[str, Any]) -> bool:
+    return "eval_loss" in record
 
 
 def finite_only(value: Any) -> Any:

@@ -154,10 +154,12 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     state, history = TrainState(), []
     torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the saved RNG state instead
-    if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
-        state, history = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-        log.truncate_after(state.step)
-        log.message(f"resumed from step {state.step} of {total_steps}")
+    if resume and checkpoint_dir is not None:
+        if has_checkpoint(checkpoint_dir):
+            state, history = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+            log.message(f"resumed from step {state.step} of {total_steps}")
+        # the log as it was at the checkpoint (empty without one): no step, no evaluation, logged twice
+        log.truncate_after(state.step, history)
     outcome = TrainOutcome("completed", state, total_steps, history=history)
     outcome.note_load()
 

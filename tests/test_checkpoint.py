@@ -147,3 +147,25 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path,
     for name, value in target[0].state_dict().items():
         assert torch.equal(value, before[name]), name
     assert target[1].state_dict()["state"] == {}
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own error type, after writing part of the temp file."""
+    import peftlab.checkpoint as checkpoint_module
+
+    model, optimizer, scheduler = _setup()
+    _steps(model, optimizer, scheduler, 1)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=1), [])
+    before = path.read_bytes()
+
+    def disk_fills_up(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_fills_up)
+    _steps(model, optimizer, scheduler, 1)
+    with pytest.raises(UserError) as error:
+        save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=2), [])
+    assert str(error.value) == f"cannot write {path}: No space left on device (ENOSPC)"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]

@@ -221,6 +221,27 @@ def test_reference_is_the_untrained_model_evaluated(tmp_path, tiny_llama_dir):
     assert evaluate_reference(config, out, echo=False) == summary  # done once; a resumed sweep reuses it
 
 
+def test_a_reference_that_stops_on_a_mistake_writes_nothing_and_holds_its_folder(tmp_path, tiny_llama_dir,
+                                                                                 monkeypatch):
+    from peftlab.errors import UserError
+    from peftlab.locking import folder_lock
+
+    out = tmp_path / "reference"
+    with pytest.raises(UserError, match="data.eval_size=1000"):  # found once the data is loaded
+        evaluate_reference(_llama_config(tmp_path, tiny_llama_dir, "data.eval_size=1000"), out, echo=False)
+    assert not out.exists()
+    real_evaluate = run_module.evaluate_on
+
+    def evaluate_while_locked(*args, **kwargs):
+        with pytest.raises(UserError, match=r"in use by another peftlab process \(pid \d+, a reference evaluation\)"):
+            with folder_lock(out):
+                pass
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate_on", evaluate_while_locked)
+    assert evaluate_reference(_llama_config(tmp_path, tiny_llama_dir), out, echo=False)["status"] == "completed"
+
+
 @pytest.mark.parametrize("task", ["instruction", "classification"])
 def test_a_lora_run_at_step_zero_matches_the_reference(tmp_path, tiny_llama_dir, tiny_bert_dir, monkeypatch, task):
     """Zero-initialised B: the prepared model starts exactly where the base model is (same head too)."""

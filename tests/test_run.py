@@ -161,3 +161,158 @@ def test_cached_base_model_gives_the_same_result_as_loading_from_disk(tmp_path, 
     first = run_experiment(config, tmp_path / "cached1", echo=False, model_cache=cache)
     second = run_experiment(config, tmp_path / "cached2", echo=False, model_cache=cache)
     assert direct["metrics"]["eval_loss"] == first["metrics"]["eval_loss"] == second["metrics"]["eval_loss"]
+
+
+# --- a mistake never costs the folder; a resumed log holds each step once; one process per folder ---
+
+
+def _steps(out, kind):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if kind in r]
+
+
+def test_a_mistake_found_after_loading_writes_nothing_and_the_corrected_command_runs(tmp_path, tiny_llama_dir,
+                                                                                   capsys):
+    config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl"))
+    too_big = ["--set", "data.eval_size=1000", "--set", "train.num_samples=0"]
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for out in (fresh, existing):
+        code, _, err = _run(["run", str(config), "--out", str(out), *too_big], capsys)
+        assert code == 2 and "data.eval_size=1000" in err  # found only once the data is loaded
+    assert not fresh.exists()  # the folder it made for its lock is gone again
+    assert [p.name for p in existing.iterdir()] == [".lock"]  # nothing but the (released) lock
+    assert _run(["run", str(config), "--out", str(fresh), "--set", "train.num_samples=0"], capsys)[0] == 0
+    assert _run(["run", str(config), "--out", str(existing), "--set", "train.num_samples=0", "--resume"],
+                capsys)[0] == 0
+
+
+def test_a_folder_that_holds_no_trained_step_is_reused_with_or_without_resume(tmp_path, tiny_llama_dir, capsys):
+    """What an attempt that stopped before its first step left (an older peftlab wrote config.yaml first)."""
+    config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl"))
+    for name, extra in (("plain", []), ("resumed", ["--resume"])):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.yaml").write_text(yaml.safe_dump({"model": "other", "data": {"eval_size": 1000}}))
+        (out / "train.log").write_text("lora on other: ...\n")
+        (out / "metrics.jsonl").write_text("")
+        code, _, err = _run(["run", str(config), "--out", str(out), "--set", "train.num_samples=0", *extra], capsys)
+        assert code == 0, err
+        assert yaml.safe_load((out / "config.yaml").read_text())["model"] == str(tiny_llama_dir)
+        assert "lora on other" not in (out / "train.log").read_text()
+        assert _steps(out, "train_loss") == [1, 2, 3]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = _run(["run", str(config), "--out", str(other)], capsys)
+    assert code == 2 and "notes.txt" in err  # a folder of someone else's files is still refused
+
+
+class _Killed(BaseException):
+    """A kill -9 at a chosen point: nothing after it runs, nothing catches it."""
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, tiny_llama_dir):
+    from peftlab.config import load_config
+    from peftlab.run import run_experiment
+
+    config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
+                         ["train.num_samples=0", "train.eval_every=1"])
+
+    def kill_after_step_2(step):
+        if step == 2:
+            raise _Killed
+
+    out = tmp_path / "run"
+    with pytest.raises(_Killed):
+        run_experiment(config, out, echo=False, on_step=kill_after_step_2)
+    assert _steps(out, "train_loss") == [1, 2] and not (out / "checkpoint.pt").exists()
+    run_experiment(config, out, echo=False, resume=True)
+    assert _steps(out, "train_loss") == [1, 2, 3]  # restarted from step 0 on an emptied log
+    assert _steps(out, "eval_loss") == [1, 2, 3]
+
+
+def test_resume_after_a_divergence_without_checkpoint_logs_each_step_once(tmp_path, tiny_llama_dir, monkeypatch):
+    import torch
+
+    import peftlab.run as run_module
+    from peftlab.config import load_config
+    from peftlab.run import run_experiment
+
+    config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
+                         ["train.num_samples=0"])
+    caught, real_train = {}, run_module.train
+
+    def spy(model, *args, **kwargs):
+        caught["model"] = model
+        return real_train(model, *args, **kwargs)
+
+    def poison(step):
+        if step == 1:
+            with torch.no_grad():
+                next(p for n, p in caught["model"].named_parameters() if n.endswith("lora_A")).fill_(float("nan"))
+
+    monkeypatch.setattr(run_module, "train", spy)
+    out = tmp_path / "run"
+    assert run_experiment(config, out, echo=False, on_step=poison)["status"] == "diverged"
+    assert _steps(out, "train_loss") == [1]
+    assert run_experiment(config, out, echo=False, resume=True)["status"] == "completed"
+    assert _steps(out, "train_loss") == [1, 2, 3] and _steps(out, "eval_loss") == [3]
+
+
+def test_a_kill_between_the_final_eval_and_the_summary_does_not_log_that_eval_twice(tmp_path, tiny_llama_dir,
+                                                                                     monkeypatch):
+    import peftlab.run as run_module
+    from peftlab.config import load_config
+    from peftlab.run import run_experiment
+
+    config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
+                         ["train.num_samples=0", "train.save_every=1", "train.eval_every=2"])
+    real_write = run_module._write_json_atomic
+
+    def killed_at_summary(path, payload):
+        if path.name == "summary.json":
+            raise _Killed
+        return real_write(path, payload)
+
+    monkeypatch.setattr(run_module, "_write_json_atomic", killed_at_summary)
+    out = tmp_path / "run"
+    with pytest.raises(_Killed):
+        run_experiment(config, out, echo=False)
+    assert _steps(out, "eval_loss") == [2, 3] and (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(run_module, "_write_json_atomic", real_write)
+    summary = run_experiment(config, out, echo=False, resume=True)
+    assert summary["status"] == "completed"
+    assert _steps(out, "train_loss") == [1, 2, 3] and _steps(out, "eval_loss") == [2, 3]
+
+
+def test_two_processes_cannot_train_into_one_folder(tmp_path, tiny_llama_dir):
+    """A real second `peftlab run` into the folder of one that is training is refused, naming its pid;
+    once that one is killed (kill -9), the kernel has released its lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from peftlab.locking import folder_lock
+
+    config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl"))
+    out = tmp_path / "run"
+    long = ["--set", "train.max_steps=100000", "--set", "train.num_samples=0"]
+    command = [sys.executable, "-m", "peftlab.cli", "run", str(config), "--out", str(out), *long]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run ended before it trained"
+            time.sleep(0.1)
+        second = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by another peftlab process (pid {first.pid}, a run)" in second.stderr
+        assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with folder_lock(out):  # released by the kill; the folder stays the killed run's, for --resume
+        pass
+    assert (out / "metrics.jsonl").exists()

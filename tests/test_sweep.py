@@ -260,6 +260,26 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, m
     assert [c.split("__")[0] for c in runner.calls] == ["fail"]
 
 
+def test_a_sweep_holds_its_folder_for_its_whole_life(tmp_path, monkeypatch):
+    """Every run of a sweep trains while the sweep holds DIR/.lock: a second sweep (or run) into DIR is refused."""
+    from peftlab.locking import folder_lock
+
+    runner, refusals = FakeRunner(), []
+
+    def runner_that_tries_the_lock(config, out_dir, **kwargs):
+        with pytest.raises(UserError, match=rf"in use by another peftlab process \(pid {os.getpid()}, a sweep\)"):
+            with folder_lock(tmp_path, "sweep"):
+                pass
+        refusals.append(out_dir.name)
+        return runner(config, out_dir, **kwargs)
+
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner_that_tries_the_lock)
+    executors.run_sweep(_spec(strategies={"a": {}}, seeds=[1, 2]), tmp_path, progress=lambda _: None)
+    assert len(refusals) == 2
+    with folder_lock(tmp_path, "sweep"):  # released when the sweep ends
+        pass
+
+
 def test_identical_configs_are_trained_once_and_reported_under_each_name(tmp_path, monkeypatch):
     """Seed 000's attention_only and attention_only_budget resolve to the same config: train it once."""
     runner = FakeRunner()

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -230,3 +231,30 @@ def test_non_finite_eval_during_training_is_a_divergence_at_that_step(monkeypatc
     assert outcome.status == "diverged" and outcome.final_eval is None
     assert outcome.divergence == {"step": 2, "reason": "non-finite eval loss (inf)", "parameters": []}
     assert outcome.state.step == 2  # training stopped there
+
+
+def _logged(directory, kind):
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if kind in r]
+
+
+def test_resume_truncates_the_log_to_what_it_held_at_the_checkpoint(tmp_path):
+    records = [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.9}, {"step": 2, "eval_loss": 0.8},
+               {"step": 3, "train_loss": 0.7}, {"step": 3, "train_loss": 0.7},  # a step logged twice
+               {"step": 3, "eval_loss": 0.6},  # the final eval, after the checkpoint at step 3
+               {"step": 4, "train_loss": 0.5}]  # after the checkpoint
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "tr')
+    history = records[:4]  # what the checkpoint at step 3 recorded
+    log = MetricsLog(tmp_path, echo=False)
+    log.truncate_after(3, history)
+    assert _logged(tmp_path, "train_loss") == [1, 2, 3] and _logged(tmp_path, "eval_loss") == [2]
+    log.truncate_after(0, [])  # no checkpoint: the run starts over on an empty log
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_without_a_checkpoint_starts_over_on_an_empty_log(tmp_path):
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, seed=0, save_every=None)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n{"step": 2, "train_loss": 8.0}\n{"st')
+    outcome = _train(_lora_model(), cfg, tmp_path, resume=True)
+    assert outcome.status == "completed" and outcome.state.step == 3
+    assert _logged(tmp_path, "train_loss") == [1, 2, 3] and _logged(tmp_path, "eval_loss") == [3]
