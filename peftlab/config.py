@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,18 @@ SCHEDULERS = ("cosine", "linear", "constant")
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+def _require_finite(section: Any, prefix: str) -> None:
+    """Every float of a config section (lists included) is a finite number: inf and nan pass ``> 0``
+    checks and then break training (inf epochs, an inf lr) or a split (an inf eval_size), so they
+    are refused first, whatever the field."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        for index, number in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(number, float) and not math.isfinite(number):
+                where = f"{prefix}{item.name}" + (f"[{index}]" if isinstance(value, (list, tuple)) else "")
+                raise UserError(f"{where} must be a finite number, got {number}")
 
 
 # shuffled: one permutation seeded by data.seed, eval taken first; contiguous: rows in source order,
@@ -53,6 +66,7 @@ class DataConfig:
     split_mode: str = "shuffled"  # shuffled | contiguous (see SPLIT_MODES)
 
     def __post_init__(self) -> None:
+        _require_finite(self, "data.")
         _require(self.eval_size > 0, "data.eval_size must be > 0 (a count, or a fraction below 1)")
         _require(self.eval_size < 1 or float(self.eval_size).is_integer(),
                  f"data.eval_size={self.eval_size}: use a whole count or a fraction below 1")
@@ -83,6 +97,7 @@ class RankConfig:
     budget: int | None = None  # budget: target number of trainable parameters
 
     def __post_init__(self) -> None:
+        _require_finite(self, "method.ranks.")
         _require(self.schedule in SCHEDULES, _choice_message("method.ranks.schedule", self.schedule, SCHEDULES))
         for name in ("r", "start", "end", "attention_r", "mlp_r"):
             _require(getattr(self, name) >= 1, f"method.ranks.{name} must be >= 1, got {getattr(self, name)}")
@@ -125,6 +140,7 @@ class MethodConfig:
     train_head: bool | None = None
 
     def __post_init__(self) -> None:
+        _require_finite(self, "method.")
         _require(self.name in METHODS, _choice_message("method.name", self.name, METHODS))
         _require(self.placement in PLACEMENTS, _choice_message("method.placement", self.placement, PLACEMENTS))
         _require(self.alpha > 0, f"method.alpha must be > 0, got {self.alpha}")
@@ -166,6 +182,7 @@ class TrainConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
+        _require_finite(self, "train.")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
         _require(self.epochs > 0, "train.epochs must be > 0")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -311,12 +328,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(read_utf8(path, "config file"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return data
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of ``path``; a file that is not UTF-8 (or cannot be read) is a one-line UserError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); "
+                        f"save it as UTF-8") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

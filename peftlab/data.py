@@ -8,6 +8,7 @@ happens per batch in ``batches`` (to the longest example of the batch, never to 
 
 from __future__ import annotations
 
+import codecs
 import math
 import sys
 from collections import Counter
@@ -112,6 +113,8 @@ def _load_file(path: Path) -> Any:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"data file {path} has an unsupported type; use one of {', '.join(FILE_TYPES)}")
+    if kind != "parquet":  # a text format: datasets and pandas would fail on other bytes with a traceback
+        check_utf8(path)
     if kind == "text":  # one record: causal-LM chunks then run over contiguous text
         return [{"text": path.read_text(encoding="utf-8")}]
     import datasets
@@ -125,6 +128,31 @@ def _load_file(path: Path) -> Any:
             raise UserError(f"data file {path} has no records") from error
         raise UserError(f"could not read data file {path}: {_first_line(error)}") from error
     return dataset
+
+
+def check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Refuse, in one line naming the line and byte, a data file that is not UTF-8 text (read in chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0  # line number and file offset where the decoder's input starts
+    try:
+        with path.open("rb") as handle:
+            while True:
+                chunk = handle.read(chunk_size)
+                pending = decoder.getstate()[0]  # an incomplete character carried over from the last chunk
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    data = pending + chunk
+                    at = offset - len(pending) + error.start
+                    line += data[: error.start].count(b"\n")
+                    raise UserError(f"data file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line "
+                                    f"{line}, offset {at}); save it as UTF-8") from None
+                if not chunk:
+                    return
+                line += chunk.count(b"\n")
+                offset += len(chunk)
+    except OSError as error:
+        raise UserError(f"cannot read data file {path}: {error.strerror or error}") from None
 
 
 def _load_hub(cfg: DataConfig) -> Any:

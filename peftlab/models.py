@@ -8,6 +8,7 @@ downloading (or having) its weights.
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +106,21 @@ def _user_errors(name: str, kind: str) -> Iterator[None]:
         raise UserError(f"could not load model {name!r}: {_first_line(error)}") from error
     except ValueError as error:  # unknown model_type, custom code required, bad config
         raise UserError(f"could not load model {name!r}: {_first_line(error)}") from error
+    except pickle.UnpicklingError as error:  # a pytorch_model.bin that torch.load(weights_only=True) refuses
+        raise UserError(f"could not load model {name!r}: its weights are a pickle file that torch refuses to load "
+                        f"as plain tensors ({_unpickling_reason(error)}); peftlab never runs code from a model "
+                        f"file: use a copy saved as safetensors (model.safetensors)") from None
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """torch's own reason (an unsupported global or opcode), without its advice to load unsafely."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        if rest:
+            return rest[0].split(". ")[0].rstrip(".")
+    return "not a weights-only pickle"
 
 
 def _first_line(error: BaseException) -> str:

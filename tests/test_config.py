@@ -44,6 +44,9 @@ def test_impossible_values_fail_before_anything_runs():
      "data.split_mode=contiguous needs a whole data.eval_size count, got 0.1"),
     ({"eval_size": 0}, "data.eval_size must be > 0"),
     ({"train_size": 0}, "data.train_size must be > 0"),
+    ({"eval_size": float("inf")}, "data.eval_size must be a finite number, got inf"),
+    ({"eval_size": float("nan")}, "data.eval_size must be a finite number, got nan"),
+    ({"eval_size": "-inf"}, "data.eval_size must be a finite number, got -inf"),
 ])
 def test_bad_data_values_are_one_line_errors(data, fragment):
     with pytest.raises(UserError) as error:
@@ -80,3 +83,24 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_every_float_is_finite_however_the_config_is_built():
+    """One check in each section's __post_init__: dataclasses built in code (inspect --ranks) are checked too."""
+    from peftlab.config import MethodConfig, RankConfig, TrainConfig
+
+    with pytest.raises(UserError, match=r"^train.epochs must be a finite number, got inf$"):
+        TrainConfig(epochs=float("inf"))
+    with pytest.raises(UserError, match=r"^method.ranks.multipliers\[2\] must be a finite number, got nan$"):
+        RankConfig(schedule="empirical", multipliers=[0.6, 1.2, float("nan")])
+    with pytest.raises(UserError, match=r"^method.alpha must be a finite number, got inf$"):
+        MethodConfig(alpha=float("inf"))
+    assert TrainConfig(max_grad_norm=None, lora_plus_ratio=None).max_grad_norm is None  # None stays allowed
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: m\nname: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        load_config(path)
+    assert str(error.value) == f"config file {path} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"

@@ -1,0 +1,437 @@
+"""The catalogue of bad inputs: each one is one line on stderr and exit code 2, never a traceback.
+
+Every case drives the real command line (``peftlab.cli.main``). A case is (id, how to build the
+input, the fragment the error line must hold); add a row to CASES for each new kind of mistake.
+
+Faults of the disk are real where the machine allows: a full disk is a small tmpfs filled up, a
+read-only one a tmpfs remounted read-only (``mount`` needs root). Where mounting is refused, the
+``Disk`` fixture falls back to monkeypatching the write calls (os.open, os.pwrite, open,
+safetensors' save_file) to raise the same OSError for paths in the folder; ``Disk.real`` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from peftlab.cli import main
+from peftlab.sweep import expand, load_sweep
+
+from test_report import _write_run
+from test_run import _alpaca, _config, _reviews
+from test_sweep import _tiny_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+HOLDER = """
+import sys
+from peftlab.locking import folder_lock
+with folder_lock(sys.argv[1], sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()  # held until the test closes stdin (or kills this process)
+"""
+
+
+# --- disk faults ---------------------------------------------------------------------------------
+
+
+def _mount(folder: Path, options: str) -> bool:
+    if os.environ.get("PEFTLAB_TEST_NO_MOUNT") or shutil.which("mount") is None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+class Disk:
+    """A folder on a full or read-only file system: a real tmpfs where mount works, else patched writes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.monkeypatch, self.mounts, self.real = monkeypatch, [], None
+
+    def full(self, folder: Path, room: int = 0, failing: str = "") -> Path:
+        """``folder`` on a disk with ``room`` bytes free (0: full). Patched: writes to names holding ``failing`` fail."""
+        if _mount(folder, "size=512k"):
+            self.mounts.append(folder)
+            self.real = True
+            filler = folder / "filler"
+            with contextlib.suppress(OSError), open(filler, "wb") as handle:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            os.truncate(filler, max(0, filler.stat().st_size - room))
+            return folder
+        self.real = False
+        folder.mkdir(parents=True, exist_ok=True)
+        self._patch(folder, errno.ENOSPC, failing)
+        return folder
+
+    def read_only(self, folder: Path, fill: Callable[[Path], None] = lambda _: None) -> Path:
+        """``folder`` on a read-only disk, after ``fill(folder)`` has written what it should hold."""
+        if _mount(folder, "size=4m"):
+            self.mounts.append(folder)
+            self.real = True
+            fill(folder)
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+            return folder
+        self.real = False
+        folder.mkdir(parents=True, exist_ok=True)
+        fill(folder)
+        self._patch(folder, errno.EROFS, "")
+        return folder
+
+    def _patch(self, folder: Path, code: int, failing: str) -> None:
+        import builtins
+
+        import safetensors.torch
+
+        import peftlab.checkpoint
+        import peftlab.run
+
+        def refused(path) -> bool:
+            path = Path(path).absolute()
+            return (path == folder.absolute() or folder.absolute() in path.parents) and failing in path.name
+
+        def fail(path):
+            raise OSError(code, os.strerror(code), str(path))
+
+        real_open, real_os_open, real_pwrite, real_save = builtins.open, os.open, os.pwrite, safetensors.torch.save_file
+
+        def patched_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, Path)) and set(mode) & set("wax+") and refused(file):
+                fail(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def patched_os_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path) and code == errno.EROFS:
+                fail(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def patched_pwrite(fd, data, offset):  # only peftlab's lock file uses pwrite
+            if code == errno.ENOSPC and not failing:
+                raise OSError(code, os.strerror(code))
+            return real_pwrite(fd, data, offset)
+
+        def patched_save(tensors, filename, *args, **kwargs):
+            if refused(filename):
+                raise RuntimeError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+            return real_save(tensors, filename, *args, **kwargs)
+
+        self.monkeypatch.setattr(builtins, "open", patched_open)
+        self.monkeypatch.setattr(os, "open", patched_os_open)
+        self.monkeypatch.setattr(os, "pwrite", patched_pwrite)
+        for module in (peftlab.checkpoint, peftlab.run):
+            self.monkeypatch.setattr(module, "save_file", patched_save)
+
+    def close(self) -> None:
+        for folder in reversed(self.mounts):
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+# --- the environment a case builds its input in ---------------------------------------------------
+
+
+@dataclass
+class Env:
+    tmp: Path
+    model: Path
+    disk: Disk
+    holders: list
+    fragments: list  # more fragments the error line must hold, known only once the case is built (a pid)
+
+    def config(self, **sections) -> Path:
+        """test_run's tiny instruction config, its sections updated from ``sections``."""
+        path = _config(self.tmp, self.model, _alpaca(self.tmp / "alpaca.jsonl"))
+        config = yaml.safe_load(path.read_text())
+        for key, value in sections.items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def hold_lock(self, folder: Path, what: str) -> int:
+        """Another process holding ``folder``'s lock (a real second process); returns its pid."""
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), what], cwd=REPO,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.holders.append(holder)
+        assert holder.stdout.readline().strip() == b"locked"
+        self.fragments.append(f"pid {holder.pid}, a {what}")
+        return holder.pid
+
+
+@pytest.fixture
+def env(tmp_path, tiny_llama_dir, monkeypatch):
+    disk = Disk(monkeypatch)
+    environment = Env(tmp_path, tiny_llama_dir, disk, [], [])
+    yield environment
+    for holder in environment.holders:
+        holder.stdin.close()
+        holder.wait(30)
+    monkeypatch.undo()
+    disk.close()
+
+
+# --- the cases -----------------------------------------------------------------------------------
+
+
+def _latin1(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def _config_not_utf8(env: Env) -> list[str]:
+    path = _latin1(env.tmp / "caf\u00e9.yaml", f"name: caf\u00e9\nmodel: {env.model}\n")
+    return ["run", str(path), "--out", str(env.tmp / "out")]
+
+
+def _sweep_not_utf8(env: Env) -> list[str]:
+    path = _latin1(env.tmp / "sweep.yaml", "name: caf\u00e9\nstrategies: {a: {}}\n")
+    return ["sweep", str(path), "--out", str(env.tmp / "out")]
+
+
+def _data_not_utf8(suffix: str, task: str) -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        good = {".jsonl": _alpaca, ".csv": _reviews}.get(suffix)
+        data = env.tmp / f"data{suffix}"
+        if good is not None:
+            good(data)
+            data.write_bytes(data.read_bytes() + "caf\u00e9 \u00e0 la cr\u00e8me\n".encode("latin-1"))
+        else:
+            _latin1(data, "to be or not to be, caf\u00e9 " * 40)
+        config = _config(env.tmp, env.model, data, task=task)
+        return ["run", str(config), "--out", str(env.tmp / "out")]
+    return build
+
+
+def _set(*overrides: str) -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        argv = ["run", str(env.config()), "--out", str(env.tmp / "out")]
+        for override in overrides:
+            argv += ["--set", override]
+        return argv
+    return build
+
+
+def _inspect_ranks(spec: str) -> Callable[[Env], list[str]]:
+    return lambda env: ["inspect", "--model", str(env.model), "--ranks", spec]
+
+
+def _pickle_model(env: Env) -> list[str]:
+    """A model folder whose only weights are a pytorch_model.bin pickle that runs code when unpickled."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = env.tmp / "pickled"
+    shutil.copytree(env.model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    weights["payload"] = _Payload()
+    torch.save(weights, folder / "pytorch_model.bin")
+    return ["run", str(_config(env.tmp, folder, _alpaca(env.tmp / "alpaca.jsonl"))), "--out", str(env.tmp / "out")]
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: call something on load
+        return (print, ("this must never run",))
+
+
+def _full_disk(env: Env) -> list[str]:
+    out = env.disk.full(env.tmp / "disk") / "run"
+    return ["run", str(env.config()), "--out", str(out)]
+
+
+def _full_disk_at(room_pages: int, name: str, **sections) -> Callable[[Env], list[str]]:
+    """Room (in 4 KiB tmpfs pages) for the files a run writes before ``name``: the lock file, config.yaml,
+    train.log, metrics.jsonl, in that order, each one page; patched writes fail on ``name`` only."""
+    def build(env: Env) -> list[str]:
+        out = env.disk.full(env.tmp / "disk", room=room_pages * 4096, failing=name) / "run"
+        return ["run", str(env.config(**sections)), "--out", str(out)]
+    return build
+
+
+def _full_disk_at_checkpoint(env: Env) -> list[str]:
+    """Room for config.yaml and the logs, not for a checkpoint (saved after every step)."""
+    out = env.disk.full(env.tmp / "disk", room=24 * 1024, failing="checkpoint") / "run"
+    return ["run", str(env.config(train={"save_every": 1, "num_samples": 0})), "--out", str(out)]
+
+
+def _read_only_run(env: Env) -> list[str]:
+    out = env.disk.read_only(env.tmp / "disk") / "run"
+    return ["run", str(env.config()), "--out", str(out)]
+
+
+def _read_only_sweep(env: Env) -> list[str]:
+    sweep = _tiny_sweep(env.tmp, env.model)
+    return ["sweep", str(sweep), "--out", str(env.disk.read_only(env.tmp / "disk"))]
+
+
+def _read_only_report(env: Env) -> list[str]:
+    def fill(folder: Path) -> None:
+        _write_run(folder, "a__seed1", "a", 0, 1, loss=2.0)
+        _write_run(folder, "a__seed2", "a", 0, 2, loss=2.1)
+    return ["report", str(env.disk.read_only(env.tmp / "disk", fill))]
+
+
+def _truncated_summary_on_resume(env: Env) -> list[str]:
+    out = env.tmp / "out"
+    out.mkdir()
+    config = env.config()
+    (out / "config.yaml").write_text(_resolved(config))
+    (out / "summary.json").write_text('{"status": "completed", "metrics": {"eval_lo')
+    return ["run", str(config), "--out", str(out), "--resume"]
+
+
+def _resolved(config: Path) -> str:
+    from peftlab.config import config_to_dict, load_config
+
+    return yaml.safe_dump(config_to_dict(load_config(config)))
+
+
+def _truncated_summary_on_sweep_resume(env: Env) -> list[str]:
+    sweep = _tiny_sweep(env.tmp, env.model)
+    out = env.tmp / "out"
+    trial = next(t for t in expand(load_sweep(sweep), out) if not t.is_reference)
+    trial.out_dir.mkdir(parents=True)
+    (trial.out_dir / "summary.json").write_text('{"status": "comp')
+    return ["sweep", str(sweep), "--out", str(out), "--resume"]
+
+
+def _run_folder_in_use(env: Env) -> list[str]:
+    out = env.tmp / "out"
+    env.hold_lock(out, "run")
+    return ["run", str(env.config()), "--out", str(out)]
+
+
+def _sweep_folder_in_use(env: Env) -> list[str]:
+    out = env.tmp / "out"
+    env.hold_lock(out, "sweep")
+    return ["sweep", str(_tiny_sweep(env.tmp, env.model)), "--out", str(out)]
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Env], list[str]]
+    fragment: str
+
+
+NOT_UTF8 = "is not UTF-8 text"
+CASES = [
+    # files that are not UTF-8
+    Case("config-not-utf8", _config_not_utf8, f"{NOT_UTF8} (byte 0xe9 on line 1"),
+    Case("sweep-not-utf8", _sweep_not_utf8, NOT_UTF8),
+    Case("jsonl-data-not-utf8", _data_not_utf8(".jsonl", "instruction"), f"{NOT_UTF8} (byte 0xe9 on line 25"),
+    Case("csv-data-not-utf8", _data_not_utf8(".csv", "classification"), NOT_UTF8),
+    Case("txt-data-not-utf8", _data_not_utf8(".txt", "causal_lm"), NOT_UTF8),
+    # inf and nan where a finite number is needed
+    Case("epochs-inf", _set("train.epochs=.inf"), "train.epochs must be a finite number, got inf"),
+    Case("lr-nan", _set("train.lr=.nan"), "train.lr must be a finite number, got nan"),
+    Case("lr-inf-string", _set("train.lr=inf"), "train.lr must be a finite number, got inf"),
+    Case("alpha-inf", _set("method.alpha=.inf"), "method.alpha must be a finite number, got inf"),
+    Case("multipliers-nan", _set("method.ranks.schedule=empirical", "method.ranks.multipliers=[0.6, .nan, 1.0]"),
+         "method.ranks.multipliers[1] must be a finite number, got nan"),
+    Case("eval-size-inf", _set("data.eval_size=.inf"), "data.eval_size must be a finite number, got inf"),
+    Case("warmup-nan", _set("train.warmup_ratio=.nan"), "train.warmup_ratio must be a finite number"),
+    Case("weight-decay-inf", _set("train.weight_decay=.inf"), "train.weight_decay must be a finite number"),
+    Case("grad-norm-inf", _set("train.max_grad_norm=.inf"), "train.max_grad_norm must be a finite number"),
+    Case("lora-plus-inf", _set("train.lora_plus_ratio=.inf"), "train.lora_plus_ratio must be a finite number"),
+    Case("dropout-nan", _set("method.dropout=.nan"), "method.dropout must be a finite number"),
+    Case("inspect-multiplier-inf", _inspect_ranks("empirical:8:0.6,inf,1.0"),
+         "method.ranks.multipliers[1] must be a finite number, got inf"),
+    # a model whose weights cannot be loaded safely
+    Case("pickle-model", _pickle_model, "pickle file that torch refuses to load as plain tensors"),
+    # a full or read-only disk
+    Case("full-disk", _full_disk, "No space left on device (ENOSPC)"),
+    Case("full-disk-at-config", _full_disk_at(1, "config.yaml"), "config.yaml: No space left on device"),
+    Case("full-disk-at-log", _full_disk_at(2, "train.log"), "train.log: No space left on device"),
+    Case("full-disk-at-metrics", _full_disk_at(3, "metrics.jsonl"), "metrics.jsonl: No space left on device"),
+    Case("full-disk-at-checkpoint", _full_disk_at_checkpoint, "checkpoint.pt: No space left on device"),
+    Case("full-disk-at-summary", _full_disk_at(4, "summary.json", method={"name": "full"}, train={"num_samples": 0}),
+         "summary.json: No space left on device"),
+    Case("read-only-run", _read_only_run, "Read-only file system (EROFS)"),
+    Case("read-only-sweep", _read_only_sweep, "Read-only file system (EROFS)"),
+    Case("read-only-report", _read_only_report, "Read-only file system (EROFS)"),
+    # damaged files met by --resume
+    Case("truncated-summary-resume", _truncated_summary_on_resume, "summary.json is damaged"),
+    Case("truncated-summary-sweep-resume", _truncated_summary_on_sweep_resume, "summary.json is damaged"),
+    # a folder another process is using
+    Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
+    Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, env, capsys):
+    argv = case.build(env)
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    errors = [line for line in err.splitlines() if line.startswith("peftlab: error:")]
+    assert code == 2, err
+    assert len(errors) == 1, err
+    assert case.fragment in errors[0] and all(f in errors[0] for f in env.fragments), errors[0]
+    assert "Traceback" not in err and "this must never run" not in captured.out + err
+    assert not [p for p in env.tmp.rglob("*.tmp")], "a temp file was left behind"
+
+
+def test_the_catalogue_has_unique_ids():
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+# --- damaged files that are not mistakes: read past, and the run goes on ---------------------------
+
+
+def test_a_full_disk_costs_nothing_once_space_is_freed(env, capsys):
+    """The run that stopped on a full disk at its first checkpoint continues with --resume once there is room."""
+    argv = _full_disk_at_checkpoint(env)
+    assert main(argv) == 2
+    out = Path(argv[argv.index("--out") + 1])
+    if env.disk.real:
+        (out.parent / "filler").unlink()
+    else:
+        env.disk.monkeypatch.undo()
+    assert main(argv) == 2 and "--resume" in capsys.readouterr().err  # it trained a step: not silently redone
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(env, capsys):
+    """A kill mid-write leaves half a line at the end of metrics.jsonl: --resume drops it and goes on."""
+    out = env.tmp / "out"
+    config = env.config(train={"num_samples": 0})
+    out.mkdir()
+    (out / "config.yaml").write_text(_resolved(config))
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.7, "lr": 0.01}\n{"step": 2, "trai')
+    assert main(["run", str(config), "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # every line whole
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]  # no checkpoint: restarted from 0
+
+
+def test_report_lists_a_run_with_a_truncated_summary_with_the_reason(tmp_path, capsys):
+    _write_run(tmp_path, "a__seed1", "a", 0, 1, loss=2.0)
+    _write_run(tmp_path, "a__seed2", "a", 0, 2, loss=2.1)
+    damaged = _write_run(tmp_path, "a__seed3", "a", 0, 3, loss=2.2)
+    (damaged / "summary.json").write_text((damaged / "summary.json").read_text()[:40])
+    assert main(["report", str(tmp_path)]) == 0, capsys.readouterr().err
+    rows = {row["run_id"]: row for row in _csv_rows(tmp_path / "results.csv")}
+    assert rows["a__seed3"]["status"] == "unfinished"
+    assert "summary.json is damaged" in rows["a__seed3"]["reason"] and "--resume" in rows["a__seed3"]["reason"]
+    assert rows["a__seed1"]["status"] == "completed"
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
