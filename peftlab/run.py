@@ -89,10 +89,12 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, echo: bool, on_s
     device = resolve_device(config.train.device)
     tokenizer, data, loaded = load_inputs(config, model_cache)
     model = loaded.model
-    model_map = build_model_map(model, strict=config.method.targets is None)
+    # the head is what the loader newly initialised (exactly, where it reports it), else found structurally
+    model_map = build_model_map(model, strict=config.method.targets is None, new_weights=loaded.new_weights)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
     # the run is known to start: only now is the folder written (an attempt that trained nothing is cleared)
     log = _start(config, out_dir, echo, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
+    _log_data_warnings(data, log)
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
                 f"{prepared.total_params:,} parameters ({prepared.percent_trainable:.3f}%)")
     if prepared.targets:
@@ -191,6 +193,7 @@ def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = T
         device = resolve_device(config.train.device)
         tokenizer, data, loaded = load_inputs(config, model_cache)
         log = _start(config, out_dir, echo, stale=("metrics.jsonl", "train.log"))
+        _log_data_warnings(data, log)
         return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
 
 
@@ -411,9 +414,15 @@ def _reference_summary(config: RunConfig, out_dir: Path, data: TaskData, model: 
     }
 
 
+def _log_data_warnings(data: TaskData, log: MetricsLog) -> None:
+    """What the data loader found suspicious (labels only in eval, label gaps, empty texts), in train.log."""
+    for warning in data.warnings:
+        log.message(f"warning: {warning}")
+
+
 def _common(config: RunConfig, data: TaskData, env: dict[str, Any], started: float) -> dict[str, Any]:
     """The part of a summary every kind of run shares: data, warnings, environment, timing, config."""
-    warnings = []
+    warnings = list(data.warnings)
     if len(data.eval) < SMALL_EVAL_WARNING:
         warnings.append(f"only {len(data.eval)} eval examples: differences between strategies may be noise")
     return {

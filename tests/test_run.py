@@ -83,6 +83,21 @@ def test_classification_trains_the_head_and_reports_accuracy(tmp_path, tiny_bert
     assert "perplexity" not in summary["metrics"]
 
 
+def test_data_warnings_reach_the_log_and_the_summary(tmp_path, tiny_bert_dir, capsys):
+    """A label seen only in the eval set is warned about with its count, in train.log and summary.json."""
+    path = _reviews(tmp_path / "reviews.csv")
+    path.write_text(path.read_text() + "a strange one,meh\n")  # the last row: a third label
+    config = _config(tmp_path, tiny_bert_dir, path, task="classification")
+    out = tmp_path / "cls"
+    args = ["run", str(config), "--out", str(out), "--set", "data.split_mode=contiguous",
+            "--set", f"data.train_size={len(path.read_text().splitlines()) - 2 - 5}", "--set", "data.eval_size=6"]
+    assert _run(args, capsys)[0] == 0
+    warnings = json.loads((out / "summary.json").read_text())["warnings"]
+    (warning,) = [w for w in warnings if "meh" in w]
+    assert warning.startswith("1 of 6 eval examples have a label that no training")
+    assert warning in (out / "train.log").read_text()
+
+
 @pytest.mark.parametrize("method", [{"name": "adapter", "bottleneck": 8}, {"name": "partial", "last_n": 1},
                                     {"name": "full"}])
 def test_other_methods_run(tmp_path, tiny_llama_dir, capsys, method):
