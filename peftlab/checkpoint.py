@@ -14,8 +14,9 @@ The file is data only, so a run folder received from someone else cannot run cod
 and whose metadata holds, under the key "peftlab", one JSON object: the format tag, the
 TrainState, the metric history, the optimizer's param_groups and non-tensor state, and the
 scheduler's state (LambdaLR's lr_lambdas left out: they are rebuilt from the config).
-The name stays ``checkpoint.pt`` because run folders and the sweep planner look for it; an
-old pickle checkpoint under that name is recognised by its content and refused, never unpickled.
+It is named ``checkpoint.safetensors`` for what it is. A ``checkpoint.pt`` left by an older
+peftlab (a pickle) still counts as a checkpoint, so --resume refuses it with one line instead of
+quietly starting over; it is never unpickled.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from torch import nn
 from .diskio import remove_quietly, writing
 from .errors import UserError
 
-CHECKPOINT_FILE = "checkpoint.pt"  # its presence means "a checkpoint exists" (run.py, sweep.py)
+CHECKPOINT_FILE = "checkpoint.safetensors"  # its presence means "a checkpoint exists" (run.py, sweep.py)
+LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # older peftlab's pickle: recognised, refused, never loaded
 FORMAT = "peftlab-checkpoint/2"  # /1 was the pickle format, which is refused
 METADATA_KEY = "peftlab"
 PARAM, OPTIM, RNG_CPU, RNG_CUDA = "param/", "optim/", "rng/cpu", "rng/cuda/"
@@ -112,8 +114,8 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def has_checkpoint(directory: Path) -> bool:
-    """True for any file under CHECKPOINT_FILE, an old pickle one included: load_checkpoint refuses it."""
-    return (directory / CHECKPOINT_FILE).is_file()
+    """True for a checkpoint, an older peftlab's pickle one included: load_checkpoint refuses that."""
+    return (directory / CHECKPOINT_FILE).is_file() or (directory / LEGACY_CHECKPOINT_FILE).is_file()
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -124,6 +126,9 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     optimizer and scheduler as they were.
     """
     path = directory / CHECKPOINT_FILE
+    if not path.is_file() and (directory / LEGACY_CHECKPOINT_FILE).is_file():
+        raise UserError(f"checkpoint {directory / LEGACY_CHECKPOINT_FILE} cannot be loaded safely: it is an old "
+                        "pickle-format checkpoint (older peftlab), which could run code; delete it to restart the run")
     try:
         tensors, document = _read(path)
         trainable = _checked_parameters(tensors, model)

@@ -8,7 +8,7 @@ Output directory:
   trainable.safetensors  other methods (and fused-slice LoRA): the trained parameters
                    (neither for a diverged or collapsed run: its weights are not worth keeping)
   train.log        messages, including the placement map
-  checkpoint.pt    the latest checkpoint (removed once training has run to its end)
+  checkpoint.safetensors  the latest checkpoint (removed once training has run to its end)
   .lock            flock'd while a process works in the folder (locking.py); holds that process's pid
 
 Nothing but .lock is written before the data, the model and the method are ready (a mistake found while

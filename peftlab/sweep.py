@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import has_checkpoint
 from .config import RunConfig, apply_overrides, config_to_dict, from_dict, load_yaml
 from .diskio import write_atomic
 from .errors import UserError
@@ -364,7 +365,7 @@ def trial_status(out_dir: Path) -> str:
         status = _summary_status(summary)
         if status in DONE_STATUSES:
             return status
-    if (out_dir / "checkpoint.pt").is_file():
+    if has_checkpoint(out_dir):
         return "checkpoint"
     if summary.is_file():
         return "failed"

@@ -354,7 +354,7 @@ CASES = [
     Case("full-disk-at-config", _full_disk_at(1, "config.yaml"), "config.yaml: No space left on device"),
     Case("full-disk-at-log", _full_disk_at(2, "train.log"), "train.log: No space left on device"),
     Case("full-disk-at-metrics", _full_disk_at(3, "metrics.jsonl"), "metrics.jsonl: No space left on device"),
-    Case("full-disk-at-checkpoint", _full_disk_at_checkpoint, "checkpoint.pt: No space left on device"),
+    Case("full-disk-at-checkpoint", _full_disk_at_checkpoint, "checkpoint.safetensors: No space left on device"),
     Case("full-disk-at-summary", _full_disk_at(4, "summary.json", method={"name": "full"}, train={"num_samples": 0}),
          "summary.json: No space left on device"),
     Case("read-only-run", _read_only_run, "Read-only file system (EROFS)"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftlab.checkpoint import CHECKPOINT_FILE, TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from peftlab.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.errors import UserError
 
 
@@ -29,13 +29,13 @@ def _steps(model, optimizer, scheduler, n: int) -> None:
         optimizer.zero_grad()
 
 
-def _refusal(tmp_path, model=None) -> str:
+def _refusal(tmp_path, name=CHECKPOINT_FILE, model=None) -> str:
     model, optimizer, scheduler = _setup() if model is None else model
     with pytest.raises(UserError) as error:
         load_checkpoint(tmp_path, model, optimizer, scheduler)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"checkpoint {tmp_path / CHECKPOINT_FILE} cannot be loaded safely: ")
+    assert message.startswith(f"checkpoint {tmp_path / name} cannot be loaded safely: ")
     assert message.endswith("; delete it to restart the run")
     return message
 
@@ -86,8 +86,9 @@ class _Payload:
         return os.mkdir, (self.marker,)
 
 
+@pytest.mark.parametrize("name", [CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE])
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_a_pickle_checkpoint_is_refused_without_being_unpickled(tmp_path, zip_format):
+def test_a_pickle_checkpoint_is_refused_without_being_unpickled(tmp_path, zip_format, name):
     armed = tmp_path / "armed"
     torch.save({"x": _Payload(str(armed))}, tmp_path / "probe.pt", _use_new_zipfile_serialization=zip_format)
     torch.load(tmp_path / "probe.pt", weights_only=False)  # the payload is live: the old loader ran it
@@ -96,10 +97,10 @@ def test_a_pickle_checkpoint_is_refused_without_being_unpickled(tmp_path, zip_fo
     run = tmp_path / "run"
     run.mkdir()
     marker = tmp_path / "MARKER"
-    torch.save({"trainable": {}, "x": _Payload(str(marker))}, run / CHECKPOINT_FILE,
+    torch.save({"trainable": {}, "x": _Payload(str(marker))}, run / name,
                _use_new_zipfile_serialization=zip_format)
     assert has_checkpoint(run)  # reported, so that --resume refuses it instead of starting over
-    assert "old pickle-format checkpoint" in _refusal(run)
+    assert "old pickle-format checkpoint" in _refusal(run, name)
     assert not marker.exists()
 
 
@@ -143,7 +144,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path,
 
     target = _setup(seed=3)
     before = {name: value.clone() for name, value in target[0].state_dict().items()}
-    assert fragment in _refusal(tmp_path, target)
+    assert fragment in _refusal(tmp_path, model=target)
     for name, value in target[0].state_dict().items():
         assert torch.equal(value, before[name]), name
     assert target[1].state_dict()["state"] == {}

@@ -113,7 +113,7 @@ def test_uniform_predictions_end_collapsed_and_export_nothing(tmp_path, tiny_lla
     assert "uniform" in summary["collapse"]["reason"]
     assert summary["metrics"]["eval_loss"] == summary["collapse"]["eval_loss"]  # metrics kept, to look at
     _assert_nothing_exported(out, summary)
-    assert not (out / "checkpoint.pt").exists()  # training ran to its end
+    assert not (out / "checkpoint.safetensors").exists()  # training ran to its end
     again = run_experiment(_llama_config(tmp_path, tiny_llama_dir), out, echo=False, resume=True)
     assert again == summary  # a finished run is returned on --resume, not retrained
 

@@ -61,7 +61,7 @@ def test_instruction_lora_run_writes_every_output(tmp_path, tiny_llama_dir, caps
     assert [r["step"] for r in lines if "train_loss" in r] == [1, 2, 3]
     assert [r["step"] for r in lines if "eval_loss" in r] == [2, 3]
     assert len(summary["samples"]) == 1
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoint.safetensors").exists()
 
 
 def test_same_config_twice_gives_identical_eval_loss(tmp_path, tiny_llama_dir, capsys):
@@ -241,7 +241,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp
     out = tmp_path / "run"
     with pytest.raises(_Killed):
         run_experiment(config, out, echo=False, on_step=kill_after_step_2)
-    assert _steps(out, "train_loss") == [1, 2] and not (out / "checkpoint.pt").exists()
+    assert _steps(out, "train_loss") == [1, 2] and not (out / "checkpoint.safetensors").exists()
     run_experiment(config, out, echo=False, resume=True)
     assert _steps(out, "train_loss") == [1, 2, 3]  # restarted from step 0 on an emptied log
     assert _steps(out, "eval_loss") == [1, 2, 3]
@@ -294,7 +294,7 @@ def test_a_kill_between_the_final_eval_and_the_summary_does_not_log_that_eval_tw
     out = tmp_path / "run"
     with pytest.raises(_Killed):
         run_experiment(config, out, echo=False)
-    assert _steps(out, "eval_loss") == [2, 3] and (out / "checkpoint.pt").exists()
+    assert _steps(out, "eval_loss") == [2, 3] and (out / "checkpoint.safetensors").exists()
     monkeypatch.setattr(run_module, "_write_json_atomic", real_write)
     summary = run_experiment(config, out, echo=False, resume=True)
     assert summary["status"] == "completed"

@@ -163,7 +163,7 @@ def _write_run(trial, status=None, checkpoint=False, extra=True):
     if status:
         (trial.out_dir / "summary.json").write_text(json.dumps({"status": status}))
     if checkpoint:
-        (trial.out_dir / "checkpoint.pt").write_bytes(b"x")
+        (trial.out_dir / "checkpoint.safetensors").write_bytes(b"x")
 
 
 def test_plan_keeps_finished_resumes_checkpoints_and_restarts_the_rest(tmp_path):
@@ -181,7 +181,7 @@ def test_plan_keeps_finished_resumes_checkpoints_and_restarts_the_rest(tmp_path)
     todo = plan(trials, tmp_path, resume=True)
     assert [(t.seed, resumed) for t, resumed in todo] == [(3, False), (4, True), (5, False), (6, False)]
     assert not trials[2].out_dir.exists() and not trials[4].out_dir.exists()  # cleared: no mixed metrics
-    assert (trials[3].out_dir / "checkpoint.pt").exists() and (trials[0].out_dir / "summary.json").exists()
+    assert (trials[3].out_dir / "checkpoint.safetensors").exists() and (trials[0].out_dir / "summary.json").exists()
 
 
 def test_resume_refuses_a_changed_config_and_touches_nothing(tmp_path):
@@ -457,7 +457,7 @@ def test_kill_and_resume_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
         _cli(["sweep", str(sweep), "--out", str(out)])
     first, second = (out / "runs" / name for name in calls)
     stamp = os.stat(first / "summary.json").st_mtime_ns
-    assert (second / "checkpoint.pt").is_file() and not (second / "summary.json").exists()
+    assert (second / "checkpoint.safetensors").is_file() and not (second / "summary.json").exists()
     calls.clear()
     assert _cli(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0
     assert calls == [second.name] and os.stat(first / "summary.json").st_mtime_ns == stamp
@@ -498,7 +498,7 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, tiny_llama_dir):
     try:
         while time.time() < deadline:
             short = list(out.glob("runs/short*/summary.json"))
-            if short and list(out.glob("runs/long*/checkpoint.pt")):
+            if short and list(out.glob("runs/long*/checkpoint.safetensors")):
                 break
             assert process.poll() is None, "the sweep ended before it could be killed"
             time.sleep(0.2)
