@@ -95,6 +95,8 @@ def sentence(c: Comparison) -> str:
     if c.test == "Welch t":
         return (f"{c.a} and {c.b}: indistinguishable on {name}; their seeds do not match, so this is an unpaired "
                 f"Welch test (a - b = {c.mean_diff:+.3g}, {_interval(c)}, p_adj {_p(c.p_adjusted)}).")
+    if c.mean_diff == 0.0 and c.sd_diff == 0.0:
+        return f"{c.a} and {c.b}: the same {name} on each of {c.n_pairs} seeds."
     text = (f"{c.a} and {c.b}: indistinguishable on {name} (a - b = {c.mean_diff:+.3g}, {_interval(c)}; "
             f"{c.a} better on {c.a_wins} of {c.n_pairs} seeds, {c.b} on {c.b_wins}; p_adj {_p(c.p_adjusted)}).")
     if c.min_detectable is not None:

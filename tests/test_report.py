@@ -305,3 +305,29 @@ def test_collapsed_and_stray_runs_are_listed_and_never_averaged_and_no_nan_is_wr
     for name in ("results.csv", "summary.csv", "comparisons.csv", "report.md"):
         content = (root / name).read_text().lower()
         assert not re.search(r"\bnan\b|\binf(inity)?\b", content), name
+
+
+def test_point_labels_in_quality_vs_params_do_not_overlap(tmp_path, monkeypatch):
+    """adaptive_ranks' old figure printed custom_taper over uniform_r8: close points get separate label lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from peftlab import figures
+    from peftlab.stats import aggregate
+
+    rows = [{"run_id": f"{s}-{seed}", "strategy": s, "grid": {}, "seed": seed, "status": "completed", "reason": "",
+             "eval_loss": 2.5 + 0.0001 * i + 0.001 * seed if s != "far" else 2.0 + 0.001 * seed,
+             "trainable_params": 1000 + i if s != "far" else 1e6}
+            for i, s in enumerate(("uniform_r8", "custom_taper", "linear_decay", "far")) for seed in (1, 2, 3)]
+    groups = aggregate(rows, ["eval_loss", "trainable_params"], baseline="uniform_r8", quality="eval_loss")
+    captured = {}
+    real_separate = figures._separate_labels
+
+    def spy(fig, labels):
+        real_separate(fig, labels)
+        captured["boxes"] = [t.get_window_extent(FigureCanvasAgg(fig).get_renderer()) for t in labels]
+
+    monkeypatch.setattr(figures, "_separate_labels", spy)
+    assert figures.quality_vs_params(groups, "eval_loss", "eval loss", False, tmp_path / "q.png") is not None
+    boxes = captured["boxes"]
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

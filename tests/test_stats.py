@@ -170,6 +170,13 @@ def test_holm_adjusts_across_the_family():
     assert [r.p_adjusted for r in rows] == holm([r.p_value for r in rows])
 
 
+def test_identical_results_are_said_to_be_the_same():
+    from peftlab.verdicts import sentence
+
+    c = compare("eval_loss", "a", "b", {1: 2.0, 2: 2.5}, {1: 2.0, 2: 2.5}, higher_is_better=False)
+    assert sentence(c) == "a and b: the same eval loss on each of 2 seeds."
+
+
 def test_unmatched_seeds_fall_back_to_welch_and_say_so():
     c = compare("eval_loss", "a", "b", {1: 1.0, 2: 2.0, 3: 4.0}, {7: 1.5, 8: 2.1, 9: 3.0, 10: 2.2},
                 higher_is_better=False)
