@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import has_checkpoint
-from .config import RunConfig, apply_overrides, config_to_dict, from_dict, load_yaml
+from .config import RunConfig, TrainConfig, apply_overrides, config_to_dict, from_dict, load_yaml
 from .diskio import write_atomic
 from .errors import UserError
 
@@ -285,8 +285,9 @@ def _resolve_budget(config: RunConfig) -> int | None:
 def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
     """One untrained base-model evaluation per distinct (model, task, data); each trial points at its own.
 
-    It uses the first trial's config with that eval set (its seed draws a classification head, which
-    is new and untrained, the same way the first seed's runs draw theirs).
+    Its config keeps only what the evaluation depends on (model, task, data, and the first trial's
+    seed, batch size, precision and device: the seed draws a new classification head the way that
+    seed's runs draw theirs), so editing a strategy leaves the reference as it is.
     """
     references: dict[str, Trial] = {}
     for trial in trials:
@@ -294,9 +295,17 @@ def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
                           "data": config_to_dict(trial.config.data)}, sort_keys=True, default=str)
         if key not in references:
             run_id = f"{REFERENCE}__{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-            references[key] = Trial(run_id, REFERENCE, -1, {}, trial.seed, trial.config, out / "runs" / run_id)
+            references[key] = Trial(run_id, REFERENCE, -1, {}, trial.seed, reference_config(trial.config),
+                                    out / "runs" / run_id)
         trial.reference = references[key].run_id
     return list(references.values())
+
+
+def reference_config(config: RunConfig) -> RunConfig:
+    """The part of a run's config that its untrained base model's evaluation depends on."""
+    train = TrainConfig(seed=config.train.seed, batch_size=config.train.batch_size,
+                        precision=config.train.precision, device=config.train.device)
+    return RunConfig(model=config.model, task=config.task, data=config.data, train=train)
 
 
 def _trial_config(spec: SweepSpec, strategy: str, bundle: dict[str, Any], grid_values: dict[str, Any],
@@ -394,6 +403,9 @@ def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, b
     statuses = {t.run_id: trial_status(t.out_dir) for t in trials}
     if any(status != "new" for status in statuses.values()) and not resume:
         raise UserError(f"{out} already holds this sweep's runs; pass --resume to continue it, or choose another --out")
+    for trial in trials:
+        if trial.is_reference and statuses[trial.run_id] != "new" and _config_differs(trial):
+            statuses[trial.run_id] = "failed"  # a base-model evaluation is cheap and deterministic: redo it
     for trial in trials:  # kept results must come from the same config; restarted ones may change
         if statuses[trial.run_id] in (*DONE_STATUSES, "checkpoint"):
             _check_same_config(trial)
@@ -408,12 +420,20 @@ def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, b
     return todo
 
 
-def _check_same_config(trial: Trial) -> None:
+def _saved_config(trial: Trial) -> dict[str, Any] | None:
     saved = trial.out_dir / "config.yaml"
-    if not saved.is_file():
+    return config_to_dict(from_dict(RunConfig, load_yaml(saved))) if saved.is_file() else None
+
+
+def _config_differs(trial: Trial) -> bool:
+    old = _saved_config(trial)
+    return old is not None and old != config_to_dict(trial.config)
+
+
+def _check_same_config(trial: Trial) -> None:
+    old, new = _saved_config(trial), config_to_dict(trial.config)
+    if old is None:
         return
-    old = config_to_dict(from_dict(RunConfig, load_yaml(saved)))
-    new = config_to_dict(trial.config)
     if old != new:
         changed = [k for k in sorted(flatten(new)) if flatten(old).get(k) != flatten(new).get(k)]
         raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "

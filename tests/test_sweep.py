@@ -324,6 +324,29 @@ def test_editing_the_sweep_file_gives_new_ids_and_the_report_never_mixes_old_run
     assert not {t.run_id for t in expand(edited_base, tmp_path)} & {t.run_id for t in expand(edited, tmp_path)}
 
 
+def test_editing_the_first_strategy_keeps_the_base_model_evaluation(tmp_path, monkeypatch):
+    """The reference's config holds only what its evaluation depends on, so a strategy edit leaves it alone."""
+    runner, references = FakeRunner(), []
+
+    def counting_reference(config, out_dir, **kwargs):
+        references.append(Path(out_dir).name)
+        (Path(out_dir)).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+        return fake_reference(config, out_dir, **kwargs)
+
+    monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
+    monkeypatch.setattr(executors, "_run_reference", lambda: counting_reference)
+    executors.run_sweep(_spec(strategies={"a": {"method.ranks.r": 4}}, seeds=[1]), tmp_path, progress=lambda _: None)
+    executors.run_sweep(_spec(strategies={"a": {"method.ranks.r": 5}}, seeds=[1]), tmp_path, resume=True,
+                        progress=lambda _: None)
+    assert len(references) == 1  # kept: a different r does not change what the base model scores
+    reference = next((tmp_path / "runs").glob("base_model__*"))
+    (reference / "config.yaml").write_text(yaml.safe_dump({"model": "m", "method": {"ranks": {"r": 4}}}))
+    executors.run_sweep(_spec(strategies={"a": {"method.ranks.r": 5}}, seeds=[1]), tmp_path, resume=True,
+                        progress=lambda _: None)
+    assert len(references) == 2  # made by an older peftlab with another config: evaluated again, never refused
+
+
 def test_user_error_in_a_run_stops_the_sweep_with_its_id(tmp_path, monkeypatch):
     def runner(config, out_dir, **_):
         raise UserError("method.ranks.r=999 exceeds the rank limit of x")
