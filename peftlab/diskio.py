@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -92,3 +93,12 @@ def append_line(path: Path, line: str) -> None:
                 if path.exists() and path.stat().st_size > size:
                     os.truncate(path, size)
             raise
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object read back from ``path``, or None when it is missing, torn or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import config_to_dict
+from .diskio import read_json_object
 from .errors import UserError
 from .locking import folder_lock
 from .stopping import GracefulStop
@@ -62,7 +63,7 @@ def reference_eval_loss(trial: Trial) -> float | None:
     """The untrained base model's eval loss on this trial's eval set, once its reference trial has completed."""
     if trial.reference is None:
         return None
-    summary = _read_json(trial.out_dir.parent / trial.reference / "summary.json") or {}
+    summary = read_json_object(trial.out_dir.parent / trial.reference / "summary.json") or {}
     loss = (summary.get("metrics") or {}).get("eval_loss")
     return float(loss) if summary.get("status") == "completed" and isinstance(loss, (int, float)) else None
 
@@ -264,9 +265,3 @@ def _aliases_note(runs: list[Trial]) -> str:
 def _read_summary(trial: Trial) -> dict[str, Any]:
     return json.loads((trial.out_dir.parent / (trial.alias_of or trial.run_id) / "summary.json").read_text())
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import figures, verdicts
-from .diskio import write_atomic, writing
+from .diskio import read_json_object, write_atomic, writing
 from .errors import UserError
 from .render import Block, render_html, render_markdown
 from .stats import (Comparison, GroupStats, Spread, Stat, aggregate, compare_all, group_label,
@@ -67,8 +67,8 @@ def load_runs(directory: Path, trials: list[dict[str, Any]] | None = None) -> li
 
 
 def _load_run(run_dir: Path, listed: dict[str, Any]) -> RunRecord:
-    summary = _read_json(run_dir / "summary.json")
-    info = {**((summary or {}).get("sweep") or _read_json(run_dir / TRIAL_FILE) or {}),
+    summary = read_json_object(run_dir / "summary.json")
+    info = {**((summary or {}).get("sweep") or read_json_object(run_dir / TRIAL_FILE) or {}),
             **{k: v for k, v in listed.items() if v is not None}}
     config = (summary or {}).get("config") or {}
     status = summary.get("status", "failed") if summary else "unfinished"
@@ -98,14 +98,6 @@ def stray_folders(directory: Path, trials: list[dict[str, Any]] | None) -> list[
         return []
     listed = {t["run_id"] for t in trials} | {t["alias_of"] for t in trials if t.get("alias_of")}
     return sorted(p.name for p in (directory / "runs").glob("*") if p.is_dir() and p.name not in listed)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _reason(status: str, summary: dict[str, Any] | None) -> str:
@@ -242,7 +234,7 @@ class Analysis:
 
 def analyse(directory: Path, baseline: str | None = None) -> Analysis:
     directory = Path(directory)
-    sweep = _read_json(directory / SWEEP_FILE) or {}
+    sweep = read_json_object(directory / SWEEP_FILE) or {}
     trials = sweep.get("trials")
     everything = load_runs(directory, trials)
     runs = [r for r in everything if r.strategy != REFERENCE]

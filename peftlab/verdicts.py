@@ -8,6 +8,7 @@ about how many seeds would detect the one observed.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .render import Block
@@ -53,7 +54,7 @@ def verdict_blocks(a: "Analysis") -> list[Block]:
 
 def _method_line(a: "Analysis") -> str:
     seeds = sorted({r.seed for r in a.runs if r.seed is not None})
-    families = {c.metric: sum(1 for d in a.comparisons if d.metric == c.metric) for c in a.comparisons}
+    families = Counter(c.metric for c in a.comparisons)
     family = ", ".join(f"{n} on {METRIC_NAMES.get(m, m)}" for m, n in families.items()) or "none"
     return (f"Runs of two strategies with the same seed share their data order, initialisation seed and eval set, so "
             f"they are compared as pairs ({len(seeds)} seeds: {', '.join(map(str, seeds))}): the mean of the per-seed "
