@@ -4,7 +4,7 @@
     .venv/bin/python bench/levers.py --levers full_logits,threads_1 --no-profile
 
 One process, one prepared model (peftlab LoRA on SmolLM2, the benchmark's settings), a fixed list
-of training batches from peftlab.data.batches. Each lever is a context manager that changes one
+of training batches from peftlab.inputs.data.batches. Each lever is a context manager that changes one
 thing; the variants run interleaved (baseline, lever 1, lever 2, ..., baseline, ...) over
 ``--rounds`` rounds and each reports the median seconds per training token of peftlab's real
 optimizer step (train._optimizer_step), its ratio to the baseline, the peak RSS during its steps,
@@ -33,19 +33,19 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import peftlab.evaluate as peftlab_evaluate  # noqa: E402
-import peftlab.losses as losses  # noqa: E402
-import peftlab.train as peftlab_train  # noqa: E402
+import peftlab.run.evaluate as peftlab_evaluate  # noqa: E402
+import peftlab.run.losses as losses  # noqa: E402
+import peftlab.run.train as peftlab_train  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.systems import Spec, load_data  # noqa: E402
-from peftlab.checkpoint import TrainState  # noqa: E402
+from peftlab.run.checkpoint import TrainState  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig, TrainConfig  # noqa: E402
-from peftlab.data import TaskData, batches, split_by_tokens  # noqa: E402
-from peftlab.methods import prepare  # noqa: E402
-from peftlab.methods.lora import LoRALinear  # noqa: E402
-from peftlab.modelmap import build_model_map  # noqa: E402
-from peftlab.models import load_model  # noqa: E402
-from peftlab.resources import peak_memory, reset_peak_memory, seed_everything  # noqa: E402
+from peftlab.inputs.data import TaskData, batches, split_by_tokens  # noqa: E402
+from peftlab.core.methods import prepare  # noqa: E402
+from peftlab.core.methods.lora import LoRALinear  # noqa: E402
+from peftlab.core.modelmap import build_model_map  # noqa: E402
+from peftlab.inputs.models import load_model  # noqa: E402
+from peftlab.run.resources import peak_memory, reset_peak_memory, seed_everything  # noqa: E402
 
 Lever = Callable[[nn.Module], contextlib.AbstractContextManager]
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from peftlab.resources import _cpu_name  # the one /proc/cpuinfo reader
+from peftlab.run.resources import _cpu_name  # the one /proc/cpuinfo reader
 
 
 def describe(device: torch.device) -> dict[str, str | int]:

@@ -6,8 +6,8 @@
 * ``hf_tuned``  : HF Trainer + peft with the levers HF offers: padding to the longest in the batch,
                   peftlab's batch size, ``train_sampling_strategy="group_by_length"``.
 
-All three get the same tokenized examples (peftlab.data, loss on response tokens only), the same
-hyperparameters, and are evaluated by the same function (peftlab.evaluate.evaluate, token-weighted)
+All three get the same tokenized examples (peftlab.inputs.data, loss on response tokens only), the same
+hyperparameters, and are evaluated by the same function (peftlab.run.evaluate.evaluate, token-weighted)
 on the same eval batches, so the only differences are the system and the recipe.
 """
 
@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from peftlab.config import DataConfig, MethodConfig, RankConfig, TrainConfig
-from peftlab.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
-from peftlab.evaluate import evaluate
-from peftlab.methods import prepare
-from peftlab.modelmap import build_model_map
-from peftlab.models import load_model, load_tokenizer
-from peftlab.params import count_params
-from peftlab.resources import peak_memory, reset_peak_memory
-from peftlab.tracking import MetricsLog
-import peftlab.train as peftlab_train
+from peftlab.inputs.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
+from peftlab.run.evaluate import evaluate
+from peftlab.core.methods import prepare
+from peftlab.core.modelmap import build_model_map
+from peftlab.inputs.models import load_model, load_tokenizer
+from peftlab.core.params import count_params
+from peftlab.run.resources import peak_memory, reset_peak_memory
+from peftlab.run.tracking import MetricsLog
+import peftlab.run.train as peftlab_train
 
 SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,7 +78,7 @@ def examples_digest(examples: list[dict]) -> str:
 
 
 def eval_loss(model: nn.Module, data: TaskData, spec: Spec, pad_id: int, device: torch.device) -> float:
-    """The one eval: peftlab.evaluate (token-weighted) on the same unshuffled batches for every system."""
+    """The one eval: peftlab.run.evaluate (token-weighted) on the same unshuffled batches for every system."""
     stream = ({k: v.to(device) for k, v in b.items()}
               for b in batches(data.eval, spec.batch_size, pad_id=pad_id, seed=spec.seed, epoch=0, shuffle=False))
     return evaluate(model, stream, "instruction", peftlab_train.autocast_for(device, "auto")).loss
@@ -93,7 +93,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device) -> dict[str, Any]:
-    from peftlab.resources import seed_everything
+    from peftlab.run.resources import seed_everything
 
     seed_everything(spec.seed)
     model = load_model(spec.model, "instruction").model
@@ -122,7 +122,7 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
 class _PeftlabCounter:
     """Counts padded training tokens and times the loop's final evaluation, without changing either.
 
-    peftlab.train calls the module-level names ``split_by_tokens`` (once per training batch, never
+    peftlab.run.train calls the module-level names ``split_by_tokens`` (once per training batch, never
     for eval) and ``evaluate``; both are wrapped for the duration of the run.
     """
 

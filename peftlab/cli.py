@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import sweep_cli
-from .config import MethodConfig, RankConfig, load_config
-from .errors import UserError
+from peftlab import sweep_cli
+from peftlab.config import MethodConfig, RankConfig, load_config
+from peftlab.errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import run_experiment  # imported here so `peftlab --help` stays fast
+    from peftlab.run.experiment import run_experiment  # imported here so `peftlab --help` stays fast
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -119,7 +119,7 @@ def parse_rank_spec(text: str) -> RankConfig:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_placement
+    from peftlab.run.inspection import inspect_placement
 
     method = MethodConfig(name=args.method, placement=args.placement, layers=args.layers,
                           targets=args.targets, ranks=parse_rank_spec(args.ranks))

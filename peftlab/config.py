@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import UserError
+from peftlab.errors import UserError
 
 TASKS = ("instruction", "classification", "causal_lm")
 METHODS = ("lora", "adapter", "partial", "full")
@@ -83,7 +83,7 @@ class DataConfig:
 
 @dataclass
 class RankConfig:
-    """Per-layer rank allocation; see peftlab.ranks for each schedule's definition."""
+    """Per-layer rank allocation; see peftlab.core.ranks for each schedule's definition."""
 
     schedule: str = "uniform"
     r: int = 8  # uniform rank; base rank for `empirical`

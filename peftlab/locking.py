@@ -17,8 +17,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .diskio import writing
-from .errors import UserError
+from peftlab.diskio import writing
+from peftlab.errors import UserError
 
 LOCK_FILE = ".lock"
 

@@ -31,9 +31,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from .executors import run_sweep  # imported here so `peftlab --help` stays fast
-    from .report import make_report
-    from .sweep import load_sweep
+    from peftlab.study.executors import run_sweep  # imported here so `peftlab --help` stays fast
+    from peftlab.study.report import make_report
+    from peftlab.study.sweep import load_sweep
 
     spec = load_sweep(args.sweep_file, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / spec.name
@@ -48,8 +48,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .errors import UserError
-    from .report import make_report
+    from peftlab.errors import UserError
+    from peftlab.study.report import make_report
 
     directory = Path(args.directory)
     if not directory.is_dir():

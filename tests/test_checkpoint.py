@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftlab.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from peftlab.run.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.errors import UserError
 
 
@@ -152,7 +152,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path,
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     """safetensors reports ENOSPC as its own error type, after writing part of the temp file."""
-    import peftlab.checkpoint as checkpoint_module
+    import peftlab.run.checkpoint as checkpoint_module
 
     model, optimizer, scheduler = _setup()
     _steps(model, optimizer, scheduler, 1)

@@ -11,9 +11,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from peftlab import data
+from peftlab.inputs import data
 from peftlab.config import DataConfig
-from peftlab.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batch_indices, batches,
+from peftlab.inputs.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batch_indices, batches,
                           causal_chunks, collate, encode_prompt, encode_response, format_prompt,
                           instruction_example, label_mapping, load_task_data, num_batches, split_by_tokens)
 from peftlab.errors import UserError
@@ -128,7 +128,7 @@ def test_eval_prompts_come_from_the_eval_records(tok, tmp_path):
 def test_encode_prompt_keeps_leading_specials_and_drops_closing_ones():
     from transformers import AutoTokenizer
 
-    from peftlab.assets import embedded_model_dir
+    from peftlab.inputs.assets import embedded_model_dir
 
     bert = AutoTokenizer.from_pretrained(embedded_model_dir("minilm-l6"))  # [CLS] text [SEP]
     ids = encode_prompt(bert, "hello world")

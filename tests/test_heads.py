@@ -12,9 +12,9 @@ from conftest import build_tiny_tokenizer
 from transformers import T5Config, T5ForConditionalGeneration, XLNetConfig, XLNetModel
 
 from peftlab.config import MethodConfig, RankConfig
-from peftlab.methods import prepare
-from peftlab.modelmap import build_model_map
-from peftlab.models import load_model
+from peftlab.core.methods import prepare
+from peftlab.core.modelmap import build_model_map
+from peftlab.inputs.models import load_model
 
 EOS = 1  # build_tiny_tokenizer: <pad> 0, <eos> 1 (T5's own pad and eos ids)
 

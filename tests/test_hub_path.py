@@ -10,7 +10,7 @@ import shutil
 import huggingface_hub.constants
 import pytest
 
-from peftlab.models import load_model, load_tokenizer
+from peftlab.inputs.models import load_model, load_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -41,7 +41,7 @@ def test_hub_dataset_id_loads_through_the_hub_code_path(tmp_path, monkeypatch):
     import datasets
 
     from peftlab.config import DataConfig
-    from peftlab.data import load_rows
+    from peftlab.inputs.data import load_rows
 
     repo = tmp_path / "alpaca-mini"
     repo.mkdir()

@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-import peftlab.run as run_module
+import peftlab.run.experiment as run_module
 from peftlab.config import load_config
-from peftlab.data import load_task_data
-from peftlab.evaluate import EvalResult, evaluate
-from peftlab.models import load_model, load_tokenizer
-from peftlab.params import count_params
-from peftlab.resources import data_sha256
-from peftlab.run import COLLAPSE_MARGIN, check_collapse, evaluate_reference, run_experiment
-from peftlab.tracking import MetricsLog, finite_only
-from peftlab.train import eval_batches
+from peftlab.inputs.data import load_task_data
+from peftlab.run.evaluate import EvalResult, evaluate
+from peftlab.inputs.models import load_model, load_tokenizer
+from peftlab.core.params import count_params
+from peftlab.run.resources import data_sha256
+from peftlab.run.experiment import COLLAPSE_MARGIN, check_collapse, evaluate_reference, run_experiment
+from peftlab.run.tracking import MetricsLog, finite_only
+from peftlab.run.train import eval_batches
 
 from test_run import _alpaca, _config, _reviews
 
@@ -84,7 +84,7 @@ def test_nan_after_the_last_step_ends_diverged_not_completed(tmp_path, tiny_llam
 
 
 def test_nan_final_evaluation_is_a_divergence(tmp_path, tiny_llama_dir, monkeypatch):
-    import peftlab.train as train_module
+    import peftlab.run.train as train_module
 
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: EvalResult(float("nan"), 10))
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.methods.lora import (
+from peftlab.core.methods.lora import (
     LoRALinear,
     apply_lora,
     lora_modules,
@@ -19,9 +19,9 @@ from peftlab.methods.lora import (
     unmerge_lora,
     weight_as_out_in,
 )
-from peftlab.modelmap import LinearSite, build_model_map
-from peftlab.params import count_params
-from peftlab.placement import Target
+from peftlab.core.modelmap import LinearSite, build_model_map
+from peftlab.core.params import count_params
+from peftlab.core.placement import Target
 
 
 def all_block_targets(model: nn.Module) -> list[Target]:

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from peftlab.evaluate import evaluate, macro_f1, perplexity
-from peftlab.losses import full_logits_loss_sum, loss_sum
+from peftlab.run.evaluate import evaluate, macro_f1, perplexity
+from peftlab.run.losses import full_logits_loss_sum, loss_sum
 
 from conftest import tiny_gpt2, tiny_llama
 

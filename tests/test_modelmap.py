@@ -34,8 +34,8 @@ from transformers import (
 )
 
 from peftlab.errors import UserError
-from peftlab.modelmap import LinearSite, ModelMap, build_model_map
-from peftlab.placement import select_targets
+from peftlab.core.modelmap import LinearSite, ModelMap, build_model_map
+from peftlab.core.placement import select_targets
 
 
 def _layer0(model_map: ModelMap) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from peftlab.errors import UserError
-from peftlab.models import load_model, load_model_skeleton, load_tokenizer, prepare_tokenizer
+from peftlab.inputs.models import load_model, load_model_skeleton, load_tokenizer, prepare_tokenizer
 
 MISSING = "nobody-here/no-such-model-xyz"
 

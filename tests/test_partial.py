@@ -6,9 +6,9 @@ import pytest
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 from peftlab.errors import UserError
-from peftlab.methods.partial import apply_full, apply_partial
-from peftlab.modelmap import build_model_map
-from peftlab.params import count_params
+from peftlab.core.methods.partial import apply_full, apply_partial
+from peftlab.core.modelmap import build_model_map
+from peftlab.core.params import count_params
 
 
 def _trainable(model) -> set[str]:

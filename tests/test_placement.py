@@ -10,8 +10,8 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox, tiny_phi3
 from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
 
 from peftlab.errors import UserError
-from peftlab.modelmap import ModelMap, build_model_map
-from peftlab.placement import Target, describe_matches, format_placement_map, parse_layers, select_targets
+from peftlab.core.modelmap import ModelMap, build_model_map
+from peftlab.core.placement import Target, describe_matches, format_placement_map, parse_layers, select_targets
 
 _MAPS: dict[str, ModelMap] = {}
 

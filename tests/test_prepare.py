@@ -9,10 +9,10 @@ from transformers import BertConfig, BertModel, LlamaForCausalLM, Qwen2MoeConfig
 
 from peftlab.config import MethodConfig, RankConfig
 from peftlab.errors import UserError
-from peftlab.methods import Prepared, prepare
-from peftlab.methods.lora import LoRALinear
-from peftlab.modelmap import build_model_map
-from peftlab.params import count_params
+from peftlab.core.methods import Prepared, prepare
+from peftlab.core.methods.lora import LoRALinear
+from peftlab.core.modelmap import build_model_map
+from peftlab.core.params import count_params
 
 
 def _prepare(model, task_head=False, **method) -> Prepared:

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from peftlab.errors import UserError
-from peftlab.report import load_runs, make_report
+from peftlab.study.report import load_runs, make_report
 from peftlab.sweep_cli import add_commands
 
 ENV = {"peftlab": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.23.0", "device": "cpu", "processor": "Test CPU"}
@@ -311,8 +311,8 @@ def test_point_labels_in_quality_vs_params_do_not_overlap(tmp_path, monkeypatch)
     """adaptive_ranks' old figure printed custom_taper over uniform_r8: close points get separate label lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from peftlab import figures
-    from peftlab.stats import aggregate
+    from peftlab.study import figures
+    from peftlab.study.stats import aggregate
 
     rows = [{"run_id": f"{s}-{seed}", "strategy": s, "grid": {}, "seed": seed, "status": "completed", "reason": "",
              "eval_loss": 2.5 + 0.0001 * i + 0.001 * seed if s != "far" else 2.0 + 0.001 * seed,

@@ -167,8 +167,8 @@ def test_existing_run_is_not_overwritten_and_resume_returns_it(tmp_path, tiny_ll
 
 def test_cached_base_model_gives_the_same_result_as_loading_from_disk(tmp_path, tiny_bert_dir):
     from peftlab.config import load_config
-    from peftlab.model_cache import BaseModelCache
-    from peftlab.run import run_experiment
+    from peftlab.inputs.model_cache import BaseModelCache
+    from peftlab.run.experiment import run_experiment
 
     config = load_config(_config(tmp_path, tiny_bert_dir, _reviews(tmp_path / "reviews.csv"), task="classification"))
     direct = run_experiment(config, tmp_path / "direct", echo=False)
@@ -229,7 +229,7 @@ class _Killed(BaseException):
 
 def test_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, tiny_llama_dir):
     from peftlab.config import load_config
-    from peftlab.run import run_experiment
+    from peftlab.run.experiment import run_experiment
 
     config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
                          ["train.num_samples=0", "train.eval_every=1"])
@@ -250,9 +250,9 @@ def test_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp
 def test_resume_after_a_divergence_without_checkpoint_logs_each_step_once(tmp_path, tiny_llama_dir, monkeypatch):
     import torch
 
-    import peftlab.run as run_module
+    import peftlab.run.experiment as run_module
     from peftlab.config import load_config
-    from peftlab.run import run_experiment
+    from peftlab.run.experiment import run_experiment
 
     config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
                          ["train.num_samples=0"])
@@ -277,9 +277,9 @@ def test_resume_after_a_divergence_without_checkpoint_logs_each_step_once(tmp_pa
 
 def test_a_kill_between_the_final_eval_and_the_summary_does_not_log_that_eval_twice(tmp_path, tiny_llama_dir,
                                                                                      monkeypatch):
-    import peftlab.run as run_module
+    import peftlab.run.experiment as run_module
     from peftlab.config import load_config
-    from peftlab.run import run_experiment
+    from peftlab.run.experiment import run_experiment
 
     config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
                          ["train.num_samples=0", "train.save_every=1", "train.eval_every=2"])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from peftlab.stats import (Stat, aggregate, compare, compare_all, describe, efficiency_ratio, holm, mark_pareto,
+from peftlab.study.stats import (Stat, aggregate, compare, compare_all, describe, efficiency_ratio, holm, mark_pareto,
                            minimum_detectable, one_seed_warnings, paired_test, parameter_reduction, regularized_beta,
                            relative_change, seeds_to_detect, spread, t_cdf, t_quantile, welch_test)
 
@@ -171,7 +171,7 @@ def test_holm_adjusts_across_the_family():
 
 
 def test_identical_results_are_said_to_be_the_same():
-    from peftlab.verdicts import sentence
+    from peftlab.study.verdicts import sentence
 
     c = compare("eval_loss", "a", "b", {1: 2.0, 2: 2.5}, {1: 2.0, 2: 2.5}, higher_is_better=False)
     assert sentence(c) == "a and b: the same eval loss on each of 2 seeds."

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftlab import executors
+from peftlab.study import executors
 from peftlab.config import config_to_dict
 from peftlab.errors import UserError
-from peftlab.report import make_report
-from peftlab.sweep import expand as expand_all
-from peftlab.sweep import load_sweep, parse_sweep, plan, trial_id, trial_status
+from peftlab.study.report import make_report
+from peftlab.study.sweep import expand as expand_all
+from peftlab.study.sweep import load_sweep, parse_sweep, plan, trial_id, trial_status
 from peftlab.sweep_cli import add_commands
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -458,7 +458,7 @@ def test_local_and_ray_executors_give_the_same_results(tmp_path, tiny_llama_dir)
 
 def test_kill_and_resume_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
     """Ctrl-C in the second run after step 2; --resume keeps run 1 and continues run 2 from its checkpoint."""
-    from peftlab.run import run_experiment
+    from peftlab.run.experiment import run_experiment
 
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir, strategies={"a": {"method.placement": "attention_only"}},
                         seeds=(0, 1))

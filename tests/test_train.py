@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from peftlab.config import MethodConfig, RankConfig, TrainConfig
-from peftlab.methods import prepare
-from peftlab.modelmap import build_model_map
-from peftlab.tracking import MetricsLog
-from peftlab.train import build_optimizer, build_scheduler, train
+from peftlab.core.methods import prepare
+from peftlab.core.modelmap import build_model_map
+from peftlab.run.tracking import MetricsLog
+from peftlab.run.train import build_optimizer, build_scheduler, train
 
 from conftest import tiny_llama
 
@@ -131,7 +131,7 @@ def test_scheduler_warms_up_then_decays_to_zero():
 def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp_path):
     import signal
 
-    from peftlab.train import Interrupted
+    from peftlab.run.train import Interrupted
 
     cfg = TrainConfig(max_steps=5, batch_size=4, lr=1e-2, seed=2, save_every=None)
     reference = _train(_lora_model(), cfg, tmp_path / "straight")
@@ -150,8 +150,8 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp_p
 def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
     import signal
 
-    from peftlab.stopping import GracefulStop
-    from peftlab.train import Interrupted
+    from peftlab.run.stopping import GracefulStop
+    from peftlab.run.train import Interrupted
 
     cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, seed=2, save_every=None)
     with GracefulStop() as sweep_scope:  # e.g. a sweep, whose run was still loading its model
@@ -167,7 +167,7 @@ def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum, monkeypatch):
     """Pieces of one batch are summed in the same optimizer step: same losses and weights as unsplit."""
-    import peftlab.train as train_module
+    import peftlab.run.train as train_module
 
     plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None)
     split = TrainConfig(**{**plain.__dict__, "max_batch_tokens": 20})  # 6 rows of up to 16 tokens: 5+ pieces
@@ -223,8 +223,8 @@ def test_load_average_is_sampled_at_start_logged_steps_and_end(monkeypatch):
 
 
 def test_non_finite_eval_during_training_is_a_divergence_at_that_step(monkeypatch):
-    import peftlab.train as train_module
-    from peftlab.evaluate import EvalResult
+    import peftlab.run.train as train_module
+    from peftlab.run.evaluate import EvalResult
 
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: EvalResult(float("inf"), 5))
     outcome = _train(_lora_model(), TrainConfig(max_steps=5, eval_every=2, batch_size=4, seed=0, save_every=None))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import encode_prompt
-from .losses import loss_sum
+from peftlab.inputs.data import encode_prompt
+from peftlab.run.losses import loss_sum
 
 
 def perplexity(mean_token_loss: float) -> float:

@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .diskio import remove_quietly, writing
-from .errors import UserError
+from peftlab.diskio import remove_quietly, writing
+from peftlab.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # its presence means "a checkpoint exists" (run.py, sweep.py)
 LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # older peftlab's pickle: recognised, refused, never loaded

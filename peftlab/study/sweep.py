@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import has_checkpoint
-from .config import RunConfig, TrainConfig, apply_overrides, config_to_dict, from_dict, load_yaml
-from .diskio import write_atomic
-from .errors import UserError
+from peftlab.run.checkpoint import has_checkpoint
+from peftlab.config import RunConfig, TrainConfig, apply_overrides, config_to_dict, from_dict, load_yaml
+from peftlab.diskio import write_atomic
+from peftlab.errors import UserError
 
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
 DONE_STATUSES = ("completed", "diverged", "collapsed")  # results: rerunning would end the same way
@@ -273,7 +273,7 @@ def _single_rank(config: RunConfig) -> int | None:
 
 def _resolve_budget(config: RunConfig) -> int | None:
     """The one rank a budget schedule gives (placement on the meta device, no weights); None if unknown."""
-    from .inspection import inspect_placement  # torch and transformers: only for budget schedules
+    from peftlab.run.inspection import inspect_placement  # torch and transformers: only for budget schedules
 
     try:
         ranks = set(inspect_placement(config.model, config.method, task=config.task).prepared.ranks.values())

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import assets
-from .config import SPLIT_MODES, DataConfig
-from .errors import UserError
+from peftlab.inputs import assets
+from peftlab.config import SPLIT_MODES, DataConfig
+from peftlab.errors import UserError
 
 IGNORE_INDEX = -100  # label of positions that take no loss (torch cross_entropy's ignore_index)
 MEGABATCH_FACTOR = 50  # length grouping sorts windows of 50 batches (as HF's group_by_length)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from . import assets
-from .errors import UserError
-from .modelmap import split_new_weights
+from peftlab.inputs import assets
+from peftlab.errors import UserError
+from peftlab.core.modelmap import split_new_weights
 
 CAUSAL_TASKS = ("instruction", "causal_lm")
 TASKS = (*CAUSAL_TASKS, "classification")

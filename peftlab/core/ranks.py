@@ -12,10 +12,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import RankConfig
-from .errors import UserError
-from .modelmap import ATTENTION_ROLES, MLP_ROLES
-from .placement import Target
+from peftlab.config import RankConfig
+from peftlab.errors import UserError
+from peftlab.core.modelmap import ATTENTION_ROLES, MLP_ROLES
+from peftlab.core.placement import Target
 
 
 def lora_param_count(target: Target, r: int, *, dora: bool = False) -> int:

@@ -22,12 +22,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_to_dict
-from .diskio import read_json_object
-from .errors import UserError
-from .locking import folder_lock
-from .stopping import GracefulStop
-from .sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
+from peftlab.config import config_to_dict
+from peftlab.diskio import read_json_object
+from peftlab.errors import UserError
+from peftlab.locking import folder_lock
+from peftlab.run.stopping import GracefulStop
+from peftlab.study.sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
 
 Progress = Callable[[str], None]
 _CACHE: Any = None  # one base-model cache per process: the local process, or each Ray worker
@@ -38,7 +38,7 @@ def process_model_cache() -> Any:
     global _CACHE
     if _CACHE is None:
         try:
-            from .model_cache import BaseModelCache
+            from peftlab.inputs.model_cache import BaseModelCache
         except ImportError:
             return None
         if "model_cache" not in inspect.signature(_run_experiment()).parameters:
@@ -48,13 +48,13 @@ def process_model_cache() -> Any:
 
 
 def _run_experiment() -> Callable[..., dict[str, Any]]:
-    from .run import run_experiment  # imported late: torch and transformers load only when a trial runs
+    from peftlab.run.experiment import run_experiment  # imported late: torch and transformers load only when a trial runs
 
     return run_experiment
 
 
 def _run_reference() -> Callable[..., dict[str, Any]]:
-    from .run import evaluate_reference
+    from peftlab.run.experiment import evaluate_reference
 
     return evaluate_reference
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..modelmap import ModelMap
-from .lora import replace_module, weight_as_out_in
+from peftlab.errors import UserError
+from peftlab.core.modelmap import ModelMap
+from peftlab.core.methods.lora import replace_module, weight_as_out_in
 
 VARIANT_ROLES = {"houlsby": ("attn_out", "mlp_out"), "pfeiffer": ("mlp_out",)}
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .diskio import append_line, write_atomic
+from peftlab.diskio import append_line, write_atomic
 
 
 class MetricsLog:

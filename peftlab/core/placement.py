@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .errors import UserError
-from .modelmap import ATTENTION_ROLES, MLP_ROLES, ROLES, LinearSite, ModelMap, Runs, fused_layouts
+from peftlab.errors import UserError
+from peftlab.core.modelmap import ATTENTION_ROLES, MLP_ROLES, ROLES, LinearSite, ModelMap, Runs, fused_layouts
 
 
 @dataclass(frozen=True)

