@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from peftlab import messages
 from peftlab.inputs import assets
 from peftlab.errors import UserError
 
@@ -88,9 +89,10 @@ def test_minilm_dir_is_a_model_folder():
 
 
 def test_conversion_runs_once_and_says_so(cache, fake_convert, capsys):
-    first = assets.embedded_model_dir("smollm2-135m")
-    assert "converting the embedded SmolLM2-135M GGUF" in capsys.readouterr().err
-    assert assets.embedded_model_dir("smollm2-135m") == first == assets.cached_smollm2_dir()
+    with messages.on_stderr():  # as the CLI shows it
+        first = assets.embedded_model_dir("smollm2-135m")
+        assert "peftlab: converting the embedded SmolLM2-135M GGUF" in capsys.readouterr().err
+        assert assets.embedded_model_dir("smollm2-135m") == first == assets.cached_smollm2_dir()
     assert len(fake_convert) == 1 and capsys.readouterr().err == ""
     assert first.parent == cache / "models" and all((first / n).is_file() for n in assets._COMPLETE_FILES)
     assert [p.name for p in first.parent.iterdir() if ".partial-" in p.name] == []

@@ -12,6 +12,7 @@ from conftest import tiny_bert, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from peftlab import messages
 from peftlab.errors import UserError
 from peftlab.inputs.models import load_model, load_model_skeleton, load_tokenizer, prepare_tokenizer
 
@@ -66,7 +67,8 @@ def test_classification_head_is_new_and_reported_in_one_line(llama_dir, capsys):
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addHandler(handler)
     try:
-        loaded = load_model(str(llama_dir), "classification", label_names=["neg", "pos"])
+        with messages.on_stderr():  # as the CLI shows it
+            loaded = load_model(str(llama_dir), "classification", label_names=["neg", "pos"])
     finally:
         logger.removeHandler(handler)
     config = loaded.model.config
@@ -77,6 +79,15 @@ def test_classification_head_is_new_and_reported_in_one_line(llama_dir, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("peftlab")]
     assert lines == ["peftlab: new classification head (score.weight) starts from random weights and is trained"]
     assert not any("LOAD REPORT" in str(record.msg) for record in records)
+
+
+def test_a_runs_route_takes_the_head_message_and_stderr_stays_silent(llama_dir, capsys):
+    written = []
+    with messages.routed(echo=False) as route:
+        route.connect(written.append)
+        load_model(str(llama_dir), "classification", num_labels=2)
+    assert written == ["new classification head (score.weight) starts from random weights and is trained"]
+    assert "peftlab" not in capsys.readouterr().err
 
 
 def test_encoder_classification_keeps_its_pad_and_gets_a_new_classifier(bert_dir):

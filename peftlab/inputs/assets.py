@@ -17,9 +17,9 @@ import bz2
 import csv
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,8 @@ _CACHE_FORMAT = 2
 _COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # libyaml's safe loader when PyYAML was built with it: ~10x faster on the 21 corpus files.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decides where it goes (peftlab.messages)
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,7 @@ def _cached_smollm2(gguf_dir: Path) -> Path:
         if _is_complete(target):
             return target
         _remove_stale(target)
-        print("peftlab: converting the embedded SmolLM2-135M GGUF to fp32 safetensors once (~30 s)...",
-              file=sys.stderr, flush=True)
+        _log.info("converting the embedded SmolLM2-135M GGUF to fp32 safetensors once (~30 s)...")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             convert_gguf(gguf_dir, SMOLLM2_GGUF, staging)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from peftlab.core.modelmap import split_new_weights
 
 CAUSAL_TASKS = ("instruction", "causal_lm")
 TASKS = (*CAUSAL_TASKS, "classification")
+
+_log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decides where it goes (peftlab.messages)
 
 
 @dataclass
@@ -195,12 +196,10 @@ def _load_classifier(name: str, location: str, kind: str, labels: dict[str, Any]
     # The same split the model map makes: these head weights are what prepare trains as the head.
     head, body = split_new_weights(model, fresh)
     if head:
-        print(f"peftlab: new classification head ({', '.join(head)}) starts from random weights "
-              f"and is trained", file=sys.stderr)
+        _log.info("new classification head (%s) starts from random weights and is trained", ", ".join(head))
     if body:  # not a head: weights the checkpoint should have had
         shown = ", ".join(body[:5]) + (", ..." if len(body) > 5 else "")
-        print(f"peftlab: warning: {len(body)} weights missing from {name!r} start random: {shown}",
-              file=sys.stderr)
+        _log.warning("%d weights missing from %r start random: %s", len(body), name, shown)
     return model, tuple(sorted(fresh))
 
 
