@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from peftlab import messages
 from peftlab.inputs import data
 from peftlab.config import DataConfig
 from peftlab.inputs.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batch_indices, batches,
@@ -364,8 +365,13 @@ def test_missing_field_names_the_columns_found(tok, tmp_path):
 def test_rows_missing_a_value_are_dropped_and_counted(tok, tmp_path):
     rows = records(10) + [{"instruction": "alpha", "input": "", "output": None}] * 2
     source = write_jsonl(tmp_path / "d.jsonl", rows)
-    task = load_task_data(DataConfig(source=source, eval_size=2), "instruction", tok)
+    written = []
+    with messages.routed(echo=False) as route:  # as a run sees it: the count goes to its log
+        route.connect(written.append)
+        task = load_task_data(DataConfig(source=source, eval_size=2), "instruction", tok)
     assert task.dropped == 2 and len(task.train) == 8
+    assert written == [f"2 of 12 records of {source!r} left out (a missing value, or a prompt that fills "
+                       f"data.max_length=256)"]
 
 
 def test_missing_file_empty_data_and_folders_are_user_errors(tok, tmp_path):

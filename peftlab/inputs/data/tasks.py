@@ -1,0 +1,185 @@
+"""Task data: records -> a seeded split -> tokenized examples, one builder per task.
+
+Owns ``TaskData`` and ``load_task_data``, and what each task makes of its records: instruction
+examples with response-only labels, classification label ids (with the warnings a label layout
+earns), causal-LM chunks split by chunk rather than by record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from peftlab.config import DataConfig
+from peftlab.errors import UserError
+from peftlab.inputs.data.formats import (causal_chunks, end_of_text_id, format_prompt, instruction_example,
+                                         special_affixes)
+from peftlab.inputs.data.sources import TASK_FIELDS, load_rows, select_fields
+from peftlab.inputs.data.split import split_indices
+
+_log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decides where it goes (peftlab.messages)
+
+
+@dataclass
+class TaskData:
+    train: list[dict]
+    eval: list[dict]
+    num_labels: int | None
+    label_names: list[str] | None
+    eval_prompts: list[tuple[str, str]]  # instruction: (prompt text, reference output) of eval records
+    dropped: int = 0  # records left out: a missing value, or no response token fits in max_length
+    # Data that trains, but maybe not as meant (a label only in eval, a class with no example, empty
+    # prompts): one line each, with counts, for the run to log and put in summary.json.
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
+    """Load ``cfg.source`` for ``task``, split it (``cfg.split_mode``, ``cfg.seed``) and tokenize it."""
+    if task not in TASK_FIELDS:
+        raise UserError(f"task={task!r} is not one of {', '.join(TASK_FIELDS)}")
+    rows, class_names = load_rows(cfg)
+    records, dropped = select_fields(rows, cfg, task)
+    if not records:
+        raise UserError(f"data {cfg.source!r}: every record lacks a value for a required field")
+    if task == "causal_lm":
+        data = _causal_lm(records, cfg, tokenizer)
+    elif task == "classification":
+        data = _classification(records, cfg, tokenizer, class_names)
+    else:
+        data = _instruction(records, cfg, tokenizer)
+    data.dropped += dropped
+    if data.dropped:
+        _log.info("%d of %d records of %r left out (a missing value, or a prompt that fills data.max_length=%s)",
+                  data.dropped, len(rows), cfg.source, cfg.max_length)
+    return data
+
+
+def _instruction(records: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskData:
+    train_idx, eval_idx = split_indices(len(records), cfg)
+    train, dropped_train = _encode_instructions([records[i] for i in train_idx], cfg, tokenizer)
+    eval_pairs, dropped_eval = _encode_instructions([records[i] for i in eval_idx], cfg, tokenizer)
+    return TaskData(train=[example for example, _ in train], eval=[example for example, _ in eval_pairs],
+                    num_labels=None, label_names=None,
+                    eval_prompts=[(format_prompt(record), str(record["output"])) for _, record in eval_pairs],
+                    dropped=dropped_train + dropped_eval, warnings=_empty_text_warnings(records))
+
+
+def _empty_text_warnings(records: list[dict]) -> list[str]:
+    """One warning per instruction field that is empty (or blank) in some records, with the count."""
+    effects = {"instruction": "their prompt is the template alone",
+               "output": "their response is the end-of-text token alone"}
+    warnings = []
+    for name, effect in effects.items():
+        empty = sum(1 for record in records if not str(record[name]).strip())
+        if empty:
+            warnings.append(f"{empty} of {len(records)} records have an empty {name}: {effect}")
+    return warnings
+
+
+def _encode_instructions(records: list[dict], cfg: DataConfig,
+                         tokenizer: Any) -> tuple[list[tuple[dict, dict]], int]:
+    """[(example, its record)] for the records that fit, and how many did not."""
+    if not records:
+        return [], 0
+    # One batched call per side: tokenizers parallelise lists, item-by-item calls are ~5x slower.
+    prefix, _ = special_affixes(tokenizer)
+    eos = end_of_text_id(tokenizer)
+    prompts = tokenizer([format_prompt(r) for r in records], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([str(r["output"]) for r in records], add_special_tokens=False)["input_ids"]
+    kept = []
+    for record, prompt_ids, response_ids in zip(records, prompts, responses):
+        example = instruction_example(prefix + prompt_ids, response_ids + [eos], cfg.max_length, cfg.response_only)
+        if example is not None:
+            kept.append((example, record))
+    return kept, len(records) - len(kept)
+
+
+# --- classification -----------------------------------------------------------------------------
+
+
+def label_mapping(values: Sequence[Any], configured: list[str] | None,
+                  class_names: list[str] | None = None) -> tuple[list[str], list[int]]:
+    """(label names in id order, each value's id). Names map by cfg.labels order, else sorted;
+    integer labels are kept as ids."""
+    values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        ids = [int(v) for v in values]
+        names = list(configured or class_names or [str(i) for i in range(max(ids) + 1)])
+        if min(ids) < 0 or max(ids) >= len(names):
+            raise UserError(f"integer labels must lie in 0..{len(names) - 1} (one per name), "
+                            f"found {min(ids)}..{max(ids)}")
+        return names, ids
+    if not all(isinstance(v, str) for v in values):
+        kinds = sorted({type(v).__name__ for v in values})
+        raise UserError(f"labels must be all names or all integers, found {', '.join(kinds)}")
+    names = list(configured) if configured else sorted(set(values))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(f"label {unknown[0]!r} is not in data.labels ({', '.join(names)})")
+    index = {name: i for i, name in enumerate(names)}
+    return names, [index[v] for v in values]
+
+
+def _classification(records: list[dict], cfg: DataConfig, tokenizer: Any,
+                    class_names: list[str] | None) -> TaskData:
+    # Map labels over all records before splitting, so train and eval share one id order.
+    names, ids = label_mapping([r["label"] for r in records], cfg.labels, class_names)
+    train_idx, eval_idx = split_indices(len(records), cfg)
+    _check_train_classes(names, [ids[i] for i in train_idx], cfg.split_mode)
+    inferred = not cfg.labels and not class_names and all(name == str(i) for i, name in enumerate(names))
+
+    def encode(indices: list[int]) -> list[dict]:
+        texts = [str(records[i]["text"]) for i in indices]
+        encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+        return [{"input_ids": ids_, "label": ids[i]} for ids_, i in zip(encoded, indices)]
+
+    warnings = _label_warnings(names, ids, [ids[i] for i in train_idx], [ids[i] for i in eval_idx], inferred)
+    return TaskData(train=encode(train_idx), eval=encode(eval_idx), num_labels=len(names),
+                    label_names=names, eval_prompts=[], warnings=warnings)
+
+
+def _check_train_classes(names: list[str], train_ids: list[int], split_mode: str) -> None:
+    """A classifier trained on one class learns a constant: refuse it."""
+    seen = sorted(set(train_ids))
+    if len(seen) == 1:  # none at all is the split's to refuse
+        hint = " (a contiguous split trains on the first rows only)" if split_mode == "contiguous" else ""
+        raise UserError(f"classification needs at least two classes in the training data, but all "
+                        f"{len(train_ids)} training examples are {names[seen[0]]!r}{hint}")
+
+
+def _label_warnings(names: list[str], ids: list[int], train_ids: list[int], eval_ids: list[int],
+                    inferred: bool) -> list[str]:
+    """Classes without any example, and eval labels the model never sees in training, with counts."""
+    warnings = []
+    present, trained = set(ids), set(train_ids)
+    absent = [names[i] for i in range(len(names)) if i not in present]
+    if absent:
+        why = (f"integer labels are class ids, so labels up to {len(names) - 1} make {len(names)} classes; "
+               "renumber them 0..K-1" if inferred else "the classifier still has an output for each")
+        warnings.append(f"{len(absent)} of {len(names)} classes have no example ({_shown(absent)}): {why}")
+    unseen = Counter(names[i] for i in eval_ids if i not in trained)
+    if unseen:
+        counts = ", ".join(f"{name!r}: {count}" for name, count in unseen.most_common())
+        warnings.append(f"{sum(unseen.values())} of {len(eval_ids)} eval examples have a label that no training "
+                        f"example has ({counts}): the model cannot learn to predict it")
+    return warnings
+
+
+def _shown(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _causal_lm(records: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskData:
+    # Split chunks, not records: each eval chunk is contiguous text, and a single-document
+    # source (hamlet, a .txt file) still yields an eval set.
+    chunks = causal_chunks([str(r["text"]) for r in records], tokenizer, cfg.chunk_length)
+    if not chunks:
+        raise UserError(f"data {cfg.source!r} has fewer tokens than data.chunk_length={cfg.chunk_length}")
+    train_idx, eval_idx = split_indices(len(chunks), cfg)
+    return TaskData(train=[chunks[i] for i in train_idx], eval=[chunks[i] for i in eval_idx],
+                    num_labels=None, label_names=None, eval_prompts=[])
