@@ -136,6 +136,35 @@ def test_load_tokenizer_alone(llama_dir):
     assert load_tokenizer(str(llama_dir)).pad_token == "</s>"
 
 
+def _count_tokenizer_reads(monkeypatch) -> list:
+    import transformers
+
+    reads, real = [], transformers.AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: reads.append(args) or real(cls, *args, **kwargs)))
+    return reads
+
+
+@pytest.mark.parametrize("task", ["instruction", "classification"])
+def test_a_tokenizer_loaded_first_is_used_not_read_again(llama_dir, monkeypatch, task):
+    reads = _count_tokenizer_reads(monkeypatch)
+    tokenizer = load_tokenizer(str(llama_dir))
+    loaded = load_model(str(llama_dir), task, num_labels=2, tokenizer=tokenizer)
+    assert len(reads) == 1 and loaded.tokenizer is tokenizer
+    if task == "classification":  # the classifier pools by the pad id the batches are padded with
+        assert loaded.model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_the_model_cache_hands_back_the_runs_own_tokenizer(llama_dir, monkeypatch):
+    from peftlab.inputs.model_cache import BaseModelCache
+
+    reads, cache = _count_tokenizer_reads(monkeypatch), BaseModelCache()
+    first, second = load_tokenizer(str(llama_dir)), load_tokenizer(str(llama_dir))
+    a = cache.get(str(llama_dir), "instruction", tokenizer=first)
+    b = cache.get(str(llama_dir), "instruction", tokenizer=second)
+    assert len(reads) == 2 and a.tokenizer is first and b.tokenizer is second and a.model is not b.model
+
+
 def test_skeleton_of_a_config_only_folder_is_on_the_meta_device(tmp_path):
     folder = tmp_path / "llama-70b-config"
     # Llama-2/3-70B shapes: building this with real weights would need ~280 GB of fp32.

@@ -3,13 +3,15 @@
 A sweep of many runs on one base model would otherwise re-read (or, for the
 embedded GGUF, re-convert) the weights for every run. Each ``get`` returns a deep
 copy of the pristine model, so a run's LoRA wrappers or updated weights never
-leak into the next run.
+leak into the next run. A run that loaded its tokenizer already passes it and gets it back,
+so the copy and the run's data share one tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 from peftlab.inputs.models import LoadedModel, load_model
 
@@ -19,12 +21,14 @@ class BaseModelCache:
         self._pristine: dict[tuple, LoadedModel] = {}
 
     def get(self, name: str, task: str, *, num_labels: int | None = None,
-            label_names: list[str] | None = None) -> LoadedModel:
+            label_names: list[str] | None = None, tokenizer: Any = None) -> LoadedModel:
         key = (name, task, num_labels, tuple(label_names or ()))
         if key not in self._pristine:
-            self._pristine[key] = load_model(name, task, num_labels=num_labels, label_names=label_names)
+            self._pristine[key] = load_model(name, task, num_labels=num_labels, label_names=label_names,
+                                             tokenizer=tokenizer)
         pristine = self._pristine[key]
-        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
+        tokenizer = pristine.tokenizer if tokenizer is None else tokenizer
+        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model), tokenizer=tokenizer)
 
     def clear(self) -> None:
         self._pristine.clear()

@@ -38,14 +38,16 @@ class LoadedModel:
 
 
 def load_model(name: str, task: str, *, num_labels: int | None = None, label_names: list[str] | None = None,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> LoadedModel:
     """Load model + tokenizer for ``task`` (instruction | causal_lm | classification).
 
     Classification needs ``num_labels`` or ``label_names`` (names fix id2label/label2id).
+    ``tokenizer``: this model's, already loaded (a run loads it first, to tokenize the data that
+    decides the label count); it is used instead of reading it again.
     """
     auto = _auto_class(task)
     location, kind = _resolve(name)
-    tokenizer = _load_tokenizer(name, location, kind)
+    tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else _load_tokenizer(name, location, kind)
     if task in CAUSAL_TASKS:
         with _user_errors(name, kind):
             model = auto.from_pretrained(location, dtype=dtype)
