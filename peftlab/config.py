@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Union
 
 import yaml
@@ -155,6 +156,45 @@ class MethodConfig:
         _require(self.last_n >= 0, f"method.last_n must be >= 0, got {self.last_n}")
 
 
+# What each method reads from MethodConfig, besides ``name`` and ``train_head`` (every method reads
+# those). Anything else set away from its default is refused for that method (``unused_method_fields``)
+# instead of silently ignored: an adapter run with ``placement: attention_only`` adapts every block.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "lora": ("placement", "layers", "targets", "ranks", "alpha", "alpha_policy", "rslora", "dora", "dropout"),
+    "adapter": ("layers", "adapter_variant", "bottleneck", "activation"),
+    "partial": ("last_n", "bitfit"),
+    "full": (),
+}
+SHARED_METHOD_FIELDS = ("name", "train_head")
+
+
+def unused_method_fields(method: MethodConfig) -> list[str]:
+    """The fields of ``method`` set away from their defaults that method ``method.name`` does not read."""
+    defaults = MethodConfig(name=method.name)
+    used = set(METHOD_FIELDS[method.name]) | set(SHARED_METHOD_FIELDS)
+    return [item.name for item in dataclasses.fields(MethodConfig)
+            if item.name not in used and getattr(method, item.name) != getattr(defaults, item.name)]
+
+
+def unused_field_message(method: MethodConfig, name: str, where: str = "") -> str:
+    readers = [m for m, fields in METHOD_FIELDS.items() if name in fields]
+    reads = ", ".join(f"method.{f}" for f in METHOD_FIELDS[method.name]) or "none of the method-specific fields"
+    key, value = f"method.{name}", getattr(method, name)
+    if dataclasses.is_dataclass(value):  # ranks: name the sub-field that was set
+        default = type(value)()
+        changed = next(f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name))
+        key, value = f"{key}.{changed}", getattr(value, changed)
+    return (f"{where}{key}={value!r} is not used by method {method.name} (only by "
+            f"{' and '.join(readers)}); remove it, or choose a method that reads it. {method.name} reads {reads}")
+
+
+def check_method_fields(method: MethodConfig) -> None:
+    """Refuse a field the chosen method would silently ignore (see METHOD_FIELDS)."""
+    unused = unused_method_fields(method)
+    if unused:
+        raise UserError(unused_field_message(method, unused[0]))
+
+
 @dataclass
 class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -218,10 +258,16 @@ class RunConfig:
         _require(bool(self.model), "model must name an alias, a hub id or a local dir")
 
 
-def _choice_message(key: str, value: object, choices: tuple[str, ...]) -> str:
-    hint = difflib.get_close_matches(str(value), choices, n=1)
-    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return f"{key}={value!r} is not one of {', '.join(choices)}{suggestion}"
+def did_you_mean(value: object, choices: Sequence[str], *, quote: bool = True, prefix: str = "") -> str:
+    """" (did you mean 'x'?)" for the closest of ``choices``, or "": the one spelling-hint helper."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {prefix + close[0]!r}?)" if quote else f" (did you mean {prefix}{close[0]}?)"
+
+
+def _choice_message(key: str, value: object, choices: Sequence[str]) -> str:
+    return f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
 
 
 # --- building dataclasses from plain dicts, strictly -------------------------------------------
@@ -236,8 +282,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            hint = did_you_mean(key, names, quote=False, prefix=prefix) or f" (valid: {', '.join(names)})"
             raise UserError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
@@ -351,8 +396,12 @@ def read_utf8(path: Path, what: str) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """A run config from YAML plus ``--set`` overrides, checked, including that its method reads every
+    method field it sets (a sweep checks this per strategy instead: see peftlab.study.sweep)."""
     data = load_yaml(path) if path is not None else {}
-    return from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    config = from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    check_method_fields(config.method)
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -154,7 +154,8 @@ class Env:
         path = _config(self.tmp, self.model, _alpaca(self.tmp / "alpaca.jsonl"))
         config = yaml.safe_load(path.read_text())
         for key, value in sections.items():
-            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+            merge = isinstance(value, dict) and key != "method"  # a method section is whole: fields differ per method
+            config[key] = {**config[key], **value} if merge else value
         path.write_text(yaml.safe_dump(config))
         return path
 
@@ -219,6 +220,21 @@ def _set(*overrides: str) -> Callable[[Env], list[str]]:
             argv += ["--set", override]
         return argv
     return build
+
+
+def _method(method: dict) -> Callable[[Env], list[str]]:
+    """A run config whose method section is exactly ``method``."""
+    def build(env: Env) -> list[str]:
+        path = env.config()
+        config = yaml.safe_load(path.read_text())
+        config["method"] = method
+        path.write_text(yaml.safe_dump(config))
+        return ["run", str(path), "--out", str(env.tmp / "out")]
+    return build
+
+
+def _sweep_with(strategies: dict) -> Callable[[Env], list[str]]:
+    return lambda env: ["sweep", str(_tiny_sweep(env.tmp, env.model, strategies)), "--out", str(env.tmp / "out")]
 
 
 def _inspect_ranks(spec: str) -> Callable[[Env], list[str]]:
@@ -347,6 +363,17 @@ CASES = [
     Case("dropout-nan", _set("method.dropout=.nan"), "method.dropout must be a finite number"),
     Case("inspect-multiplier-inf", _inspect_ranks("empirical:8:0.6,inf,1.0"),
          "method.ranks.multipliers[1] must be a finite number, got inf"),
+    # a field the chosen method does not read: refused, never silently ignored
+    Case("adapter-with-placement", _method({"name": "adapter", "placement": "attention_only"}),
+         "method.placement='attention_only' is not used by method adapter (only by lora)"),
+    Case("full-with-rank", _method({"name": "full", "ranks": {"r": 4}}), "method.ranks.r=4 is not used by method full"),
+    Case("partial-with-layers", _method({"name": "partial", "last_n": 1, "layers": [0]}),
+         "method.layers=[0] is not used by method partial (only by lora and adapter)"),
+    Case("sweep-strategy-field-unused", _sweep_with({"lora": {}, "full": {"method.name": "full", "method.alpha": 8}}),
+         "strategy full: method.alpha=8.0 is not used by method full"),
+    Case("sweep-base-field-read-by-none", _sweep_with({"full": {"method.name": "full"},
+                                                       "last2": {"method.name": "partial", "method.last_n": 2}}),
+         "strategy full: method.ranks.r=2 is not used by method full (only by lora)"),
     # a model whose weights cannot be loaded safely
     Case("pickle-model", _pickle_model, "pickle file that torch refuses to load as plain tensors"),
     # a full or read-only disk

@@ -27,8 +27,9 @@ def _config(tmp_path, model_dir, data_path, task="instruction", **method):
     config = {
         "model": str(model_dir), "task": task,
         "data": {"source": str(data_path), "eval_size": 6},
-        "method": {"name": "lora", "placement": "all_linear", "ranks": {"schedule": "uniform", "r": 4},
-                   "alpha": 8, **method},
+        # lora's own fields only for lora: a method refuses fields it would not read
+        "method": {**({"name": "lora", "placement": "all_linear", "ranks": {"schedule": "uniform", "r": 4},
+                       "alpha": 8} if method.get("name", "lora") == "lora" else {}), **method},
         "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 0, "num_samples": 1, "max_new_tokens": 4},
     }
     path = tmp_path / "config.yaml"

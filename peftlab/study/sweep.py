@@ -31,7 +31,6 @@ failed) is cleared and restarted, so metrics.jsonl never holds two attempts.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import itertools
 import json
@@ -43,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.run.checkpoint import has_checkpoint
-from peftlab.config import RunConfig, TrainConfig, apply_overrides, config_to_dict, from_dict, load_yaml
+from peftlab.config import (METHOD_FIELDS, RunConfig, TrainConfig, apply_overrides, config_to_dict, did_you_mean,
+                            from_dict, load_yaml, unused_field_message, unused_method_fields)
 from peftlab.diskio import write_atomic
 from peftlab.errors import UserError
 
@@ -109,8 +109,7 @@ def parse_sweep(raw: dict[str, Any], *, name: str = "sweep", directory: Path = P
                 overrides: list[str] | None = None) -> SweepSpec:
     for key in raw:
         if key not in SWEEP_KEYS:
-            close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (valid: {', '.join(SWEEP_KEYS)})"
+            hint = did_you_mean(key, SWEEP_KEYS, quote=False) or f" (valid: {', '.join(SWEEP_KEYS)})"
             raise UserError(f"unknown sweep key {key}{hint}")
     overrides = list(overrides or [])
     if any(text.split("=", 1)[0].strip() == "train.seed" for text in overrides):
@@ -211,8 +210,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _choice(message: str, value: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1)
-    return message + (f" (did you mean {close[0]!r}?)" if close else f" (strategies: {', '.join(choices)})")
+    return message + (did_you_mean(value, choices) or f" (strategies: {', '.join(choices)})")
 
 
 # --- expansion and ids -------------------------------------------------------------------------
@@ -238,7 +236,22 @@ def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
                 alias_of = by_config.setdefault(fingerprint(config), run_id)
                 trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id,
                                     alias_of=None if alias_of == run_id else alias_of))
+    _check_method_fields(spec, trials)
     return _reference_trials(trials, out) + trials
+
+
+def _check_method_fields(spec: SweepSpec, trials: list[Trial]) -> None:
+    """A method field a trial's method does not read is refused, except when it comes from the base
+    and some other strategy reads it: the base holds what several strategies share (lora's placement
+    beside a full fine-tuning strategy), while a strategy, grid or --set key is meant for its trials."""
+    read_somewhere = {name for trial in trials for name in METHOD_FIELDS[trial.config.method.name]}
+    explicit_keys = set(spec.grid) | {text.split("=", 1)[0].strip() for text in spec.overrides}
+    for trial in trials:
+        keys = explicit_keys | set(spec.strategies[trial.strategy])
+        for name in unused_method_fields(trial.config.method):
+            explicit = any(key == f"method.{name}" or key.startswith(f"method.{name}.") for key in keys)
+            if explicit or name not in read_somewhere:
+                raise UserError(unused_field_message(trial.config.method, name, where=f"strategy {trial.strategy}: "))
 
 
 def fingerprint(config: RunConfig) -> str:
