@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.inputs.data import encode_prompt
-from peftlab.run.losses import loss_sum
+from peftlab.run.losses import classification_loss_sum, label_units, loss_sum
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -56,8 +55,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task:
         with autocast if autocast is not None else contextlib.nullcontext():
             if task == "classification":
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                batch_sum = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-                batch_units = int(batch["label"].numel())
+                batch_sum, batch_units = classification_loss_sum(logits, batch["label"]), label_units(batch, task)
                 predictions.append(logits.argmax(-1).cpu())
                 gold.append(batch["label"].cpu())
             else:

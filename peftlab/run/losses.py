@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-IGNORE_INDEX = -100
+# The label that takes no loss has one definition, where labels are made (peftlab.inputs.data; inputs
+# sits below run and never imports it). The run layer takes it from here, beside the loss that honours it.
+from peftlab.inputs.data import IGNORE_INDEX
 
 # Causal LMs whose logits are exactly lm_head(last_hidden_state): for these the
 # head is applied only at positions that carry a label (prompt and padding
@@ -37,20 +39,32 @@ CHUNK_ELEMENTS = 2**24
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's labelled units and their count.
+    """Summed loss over the batch's labelled units and their count (``label_units``).
 
-    causal tasks: units are label tokens (labels != -100 after the shift);
+    causal tasks: units are label tokens (labels != IGNORE_INDEX after the shift);
     classification: units are examples.
     """
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
-        return F.cross_entropy(logits.float(), batch["label"], reduction="sum"), int(batch["label"].numel())
+        return classification_loss_sum(logits, batch["label"]), label_units(batch, task)
     head = plain_head(model)
     if head is not None:
         hidden, targets = labelled_hidden(model, batch)  # [N, H], [N]
         return linear_cross_entropy_sum(hidden, head.weight, targets), int(targets.numel())
     logits, targets = labelled_logits(model, batch)  # [N, V], [N]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of class logits [B, C] against labels [B], in fp32 (logits may be bf16)."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def label_units(batch: dict[str, torch.Tensor], task: str) -> int:
+    """What a batch's loss is averaged over: examples (classification) or label tokens after the shift."""
+    if task == "classification":
+        return int(batch["label"].numel())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def plain_head(model: nn.Module) -> nn.Linear | None:

@@ -25,7 +25,7 @@ from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, 
 from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, num_batches, split_by_tokens
 from peftlab.run.evaluate import EvalResult, evaluate
-from peftlab.run.losses import loss_sum
+from peftlab.run.losses import label_units, loss_sum
 from peftlab.run.resources import load_average
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
@@ -261,7 +261,7 @@ def _counted_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], 
         for piece in split_by_tokens(batch, cfg.max_batch_tokens):
             micro.append({key: value.to(device, non_blocking=True) for key, value in piece.items()})
     # Normalise by the label units of the whole step, so accumulation is exactly token-weighted.
-    units = sum(_label_units(batch, task) for batch in micro)
+    units = sum(label_units(batch, task) for batch in micro)
     total_loss = 0.0
     for batch in micro:
         with autocast_for(device, cfg.precision):
@@ -278,12 +278,6 @@ def _counted_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], 
     optimizer.zero_grad(set_to_none=True)
     tokens = int(sum(int(batch["attention_mask"].sum()) for batch in micro))
     return loss, tokens, units
-
-
-def _label_units(batch: dict[str, torch.Tensor], task: str) -> int:
-    if task == "classification":
-        return int(batch["label"].numel())
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
