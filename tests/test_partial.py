@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 from peftlab.errors import UserError
-from peftlab.core.methods.partial import apply_full, apply_partial
+from peftlab.core.methods.partial import apply_full, apply_partial, set_head_trainable
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.params import count_params
 
@@ -15,9 +15,11 @@ def _trainable(model) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _partial(model, **kwargs):
+def _partial(model, *, train_head: bool, **kwargs):
     model_map = build_model_map(model)
-    model.requires_grad_(False)  # as prepare() does
+    model.requires_grad_(False)  # as prepare() does, and it sets the head trainable first
+    if train_head:
+        set_head_trainable(model, model_map)
     apply_partial(model, model_map, **kwargs)
     return model_map
 

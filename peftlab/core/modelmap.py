@@ -30,20 +30,9 @@ from typing import Any, Literal
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.core.roles import ATTENTION_ROLES, MLP_ROLES, ROLES, Role  # noqa: F401 (re-exported)
 from peftlab.errors import UserError
 
-# "other": a block linear whose role could not be inferred; produced only by
-# build_model_map(strict=False), so that explicit method.targets still work on
-# such models. No named placement selects it.
-# "scalar_gate": a linear with one output (Qwen2-MoE's shared_expert_gate), a gate that scales
-# a branch, not a projection: no named placement selects it (its rank limit is 1), explicit
-# method.targets may. Not called "gate", which is a module name (Mixtral's router) in targets.
-Role = Literal["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "scalar_gate", "head",
-               "other"]
-ROLES: tuple[Role, ...] = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "scalar_gate",
-                           "head", "other")
-ATTENTION_ROLES = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"})
-MLP_ROLES = frozenset({"mlp_in", "mlp_out"})
 
 # A slice of a fused projection's *output* features, as (start, length) runs.
 # GPT-2 c_attn "q" is one run ((0, n_embd),); GPT-NeoX interleaves per head,

@@ -19,9 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from peftlab.core.roles import ROLES
 from peftlab.study.stats import GroupStats
 
-ROLE_ORDER = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "head", "other")
 DPI = 110
 
 
@@ -282,5 +282,5 @@ def _column(entry: dict[str, Any]) -> tuple[str, str]:
 
 
 def _columns(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    order = {role: i for i, role in enumerate(ROLE_ORDER)}
+    order = {role: i for i, role in enumerate(ROLES)}  # the model map's order: attention, MLP, head
     return sorted({_column(e) for e in entries}, key=lambda c: (order.get(c[0], len(order)), c[1]))

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.run.checkpoint import has_checkpoint
-from peftlab.config import (METHOD_FIELDS, RunConfig, TrainConfig, apply_overrides, config_to_dict, did_you_mean,
-                            from_dict, load_yaml, unused_field_message, unused_method_fields)
+from peftlab.config import (METHOD_FIELDS, RunConfig, TrainConfig, apply_overrides, changed_keys, config_to_dict,
+                            did_you_mean, from_dict, load_yaml, unused_field_message, unused_method_fields)
 from peftlab.diskio import write_atomic
 from peftlab.errors import UserError
+from peftlab.study.stats import group_label
 
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
 DONE_STATUSES = ("completed", "diverged", "collapsed")  # results: rerunning would end the same way
@@ -331,7 +332,7 @@ def _trial_config(spec: SweepSpec, strategy: str, bundle: dict[str, Any], grid_v
     try:
         return from_dict(RunConfig, data)
     except UserError as error:
-        raise UserError(f"strategy {strategy}{_grid_label(grid_values)}: {error}") from None
+        raise UserError(f"strategy {group_label(strategy, grid_values)}: {error}") from None
 
 
 def _resolve_paths(data: dict[str, Any], directory: Path) -> None:
@@ -371,10 +372,6 @@ def trial_id(strategy: str, grid_values: dict[str, Any], seed: int, bundle: dict
 def _slug(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:40] or "x"
-
-
-def _grid_label(grid_values: dict[str, Any]) -> str:
-    return "" if not grid_values else " [" + ", ".join(f"{k}={v}" for k, v in grid_values.items()) + "]"
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -448,7 +445,7 @@ def _check_same_config(trial: Trial) -> None:
     if old is None:
         return
     if old != new:
-        changed = [k for k in sorted(flatten(new)) if flatten(old).get(k) != flatten(new).get(k)]
+        changed = changed_keys(old, new)
         raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "
                         f"{', '.join(changed) or 'structure'}); use another --out for a changed sweep")
 

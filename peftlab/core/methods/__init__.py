@@ -61,7 +61,7 @@ def prepare(model: nn.Module, cfg: MethodConfig, model_map: ModelMap, *, train_h
         sites = model_map.by_name()
         targets = [Target(sites[name]) for name in wrapped]
     elif cfg.name == "partial":
-        apply_partial(model, model_map, last_n=cfg.last_n, bitfit=cfg.bitfit, train_head=train_head)
+        apply_partial(model, model_map, last_n=cfg.last_n, bitfit=cfg.bitfit)
     elif cfg.name == "full":
         apply_full(model)
     else:  # MethodConfig validates the name; reaching here is a bug

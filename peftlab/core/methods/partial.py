@@ -11,10 +11,10 @@ from peftlab.errors import UserError
 from peftlab.core.modelmap import ModelMap
 
 
-def apply_partial(model: nn.Module, model_map: ModelMap, *, last_n: int, bitfit: bool, train_head: bool) -> None:
+def apply_partial(model: nn.Module, model_map: ModelMap, *, last_n: int, bitfit: bool) -> None:
     """Make trainable: every parameter of the last ``last_n`` blocks; every bias when ``bitfit``
-    (BitFit, Ben Zaken et al. 2021, arXiv:2106.10199: all bias terms, layer-norm biases included);
-    the head modules in ``model_map.head_modules`` when ``train_head``.
+    (BitFit, Ben Zaken et al. 2021, arXiv:2106.10199: all bias terms, layer-norm biases included).
+    The head is ``set_head_trainable``'s job, done by ``prepare`` for every method alike.
     """
     n_layers = model_map.n_layers
     if not 0 <= last_n <= n_layers:
@@ -27,8 +27,6 @@ def apply_partial(model: nn.Module, model_map: ModelMap, *, last_n: int, bitfit:
             raise UserError(f"method.bitfit: this {model_map.family} model has no bias parameters to train")
         for parameter in biases:
             parameter.requires_grad_(True)
-    if train_head:
-        set_head_trainable(model, model_map)
 
 
 def set_head_trainable(model: nn.Module, model_map: ModelMap) -> None:
