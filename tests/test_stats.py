@@ -4,9 +4,10 @@ import math
 
 import pytest
 
+from peftlab.study.distribution import regularized_beta, t_cdf, t_quantile
 from peftlab.study.stats import (Stat, aggregate, compare, compare_all, describe, efficiency_ratio, holm, mark_pareto,
-                           minimum_detectable, one_seed_warnings, paired_test, parameter_reduction, regularized_beta,
-                           relative_change, seeds_to_detect, spread, t_cdf, t_quantile, welch_test)
+                                 minimum_detectable, one_seed_warnings, paired_test, parameter_reduction,
+                                 relative_change, seeds_to_detect, spread, welch_test)
 
 # Two-sided 95% critical values t(0.975, df) from standard tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
