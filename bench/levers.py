@@ -5,11 +5,14 @@
 
 One process, one prepared model (peftlab LoRA on SmolLM2, the benchmark's settings), a fixed list
 of training batches from peftlab.inputs.data.batches. Each lever is a context manager that changes one
-thing; the variants run interleaved (baseline, lever 1, lever 2, ..., baseline, ...) over
-``--rounds`` rounds and each reports the median seconds per training token of peftlab's real
-optimizer step (train._optimizer_step), its ratio to the baseline, the peak RSS during its steps,
-and the largest loss / gradient difference against the baseline on the same batch (dropout off),
-which must be float noise for a lever to be kept. Writes ``<out>/levers-<machine>-<date>.{json,md}``.
+thing and yields the ``StepOptions`` (loss, batch splitter) the steps run with: a lever on the loss or
+the split passes other functions there; the others change a torch setting or the model object and
+undo it. Nothing in peftlab is patched. The variants run interleaved (baseline, lever 1, lever 2, ...,
+baseline, ...) over ``--rounds`` rounds and each reports the median seconds per training token of
+peftlab's real optimizer step (peftlab.run.train.optimizer_step), its ratio to the baseline, the peak
+RSS during its steps, and the largest loss / gradient difference against the baseline on the same
+batch (dropout off, peftlab.run.train.accumulate_gradients), which must be float noise for a lever to
+be kept. Writes ``<out>/levers-<machine>-<date>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import json
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,73 +38,76 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import peftlab.run.evaluate as peftlab_evaluate  # noqa: E402
-import peftlab.run.losses as losses  # noqa: E402
-import peftlab.run.train as peftlab_train  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.systems import Spec, load_data  # noqa: E402
-from peftlab.run.checkpoint import TrainState  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig, TrainConfig  # noqa: E402
-from peftlab.inputs.data import TaskData, batches, split_by_tokens  # noqa: E402
 from peftlab.core.methods import prepare  # noqa: E402
 from peftlab.core.methods.lora import LoRALinear  # noqa: E402
 from peftlab.core.modelmap import build_model_map  # noqa: E402
+from peftlab.inputs.data import TaskData, batches, split_by_tokens  # noqa: E402
 from peftlab.inputs.models import load_model  # noqa: E402
+from peftlab.run.evaluate import evaluate  # noqa: E402
+from peftlab.run.losses import IGNORE_INDEX, full_logits_loss_sum, labelled_logits, loss_sum  # noqa: E402
 from peftlab.run.resources import peak_memory, reset_peak_memory, seed_everything  # noqa: E402
+from peftlab.run.train import (StepOptions, accumulate_gradients, build_optimizer, optimizer_step,  # noqa: E402
+                               trainable_named_parameters)
 
-Lever = Callable[[nn.Module], contextlib.AbstractContextManager]
+SHIPPED = StepOptions()  # peftlab's loss and batch splitter, as every run uses them
+CPU = torch.device("cpu")
+# A lever: given the model, a context manager that yields the StepOptions its steps run with.
+Lever = Callable[[nn.Module], contextlib.AbstractContextManager[StepOptions]]
 
 
 # --- the levers: each changes exactly one thing, and undoes it ------------------------------------
 
 
-@contextlib.contextmanager
-def _loss_path(function: Callable) -> Iterator[None]:
-    """Swap the loss function everywhere peftlab calls it (train and evaluate import it by name)."""
-    saved = peftlab_train.loss_sum, peftlab_evaluate.loss_sum
-    peftlab_train.loss_sum = peftlab_evaluate.loss_sum = function
-    try:
-        yield
-    finally:
-        peftlab_train.loss_sum, peftlab_evaluate.loss_sum = saved
+def _options(**changes: Any) -> contextlib.AbstractContextManager[StepOptions]:
+    """A lever on what a step calls: the shipped options with ``changes``; nothing to undo."""
+    return contextlib.nullcontext(StepOptions(**changes))
 
 
 def full_logits_loss(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, int]:
     """What HF models do: the head and cross-entropy at every position, then mask."""
-    return losses.full_logits_loss_sum(model, batch)
+    return full_logits_loss_sum(model, batch)
 
 
 def labelled_unfused_loss(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, int]:
     """Head at labelled positions only, then a plain F.cross_entropy over its [N, V] logits."""
-    logits, targets = losses.labelled_logits(model, batch)
+    logits, targets = labelled_logits(model, batch)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
+def fixed_split(max_tokens: int) -> Callable[[dict, int | None], list[dict]]:
+    """A splitter that cuts every batch at ``max_tokens`` padded tokens, whatever the step's config says."""
+    return lambda batch, _cap: split_by_tokens(batch, max_tokens)
+
+
 @contextlib.contextmanager
-def _attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
+def _attribute(owner: Any, name: str, value: Any) -> Iterator[StepOptions]:
+    """Set an attribute of the model under test (never of a peftlab module) for the lever's duration."""
     saved = getattr(owner, name)
     setattr(owner, name, value)
     try:
-        yield
+        yield SHIPPED
     finally:
         setattr(owner, name, saved)
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def _threads(n: int) -> Iterator[StepOptions]:
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        yield SHIPPED
     finally:
         torch.set_num_threads(saved)
 
 
 @contextlib.contextmanager
-def _flush_denormal() -> Iterator[None]:
+def _flush_denormal() -> Iterator[StepOptions]:
     torch.set_flush_denormal(True)
     try:
-        yield
+        yield SHIPPED
     finally:
         torch.set_flush_denormal(False)
 
@@ -112,7 +120,7 @@ def lora_forward_addmm(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     DoRA, all output rows) is fused; every other case runs the original forward.
     """
     if self.merged or self.magnitude is not None or self.out_index is not None:
-        return _ORIGINAL_LORA_FORWARD(self, x)
+        return LoRALinear.forward(self, x)
     result = self.base(x)  # [..., out]
     h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # [..., r]
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
@@ -120,31 +128,42 @@ def lora_forward_addmm(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return flat.view_as(result)
 
 
-_ORIGINAL_LORA_FORWARD = LoRALinear.forward
+@contextlib.contextmanager
+def _lora_forward(model: nn.Module, forward: Callable[[LoRALinear, torch.Tensor], torch.Tensor]) -> Iterator[StepOptions]:
+    """Every LoRALinear of ``model`` runs ``forward``: set on the instances, so peftlab's class is untouched."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:
+        layer.forward = types.MethodType(forward, layer)  # an instance attribute shadows the class's method
+    try:
+        yield SHIPPED
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
-def _split_batches(max_tokens: int) -> contextlib.AbstractContextManager:
+def _split_batches(max_tokens: int) -> contextlib.AbstractContextManager[StepOptions]:
     """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step."""
-    return _attribute(peftlab_train, "split_by_tokens", lambda batch, _cap: split_by_tokens(batch, max_tokens))
+    return _options(split=fixed_split(max_tokens))
 
 
-def _no_kv_cache(model: nn.Module) -> contextlib.AbstractContextManager:
+def _no_kv_cache(model: nn.Module) -> contextlib.AbstractContextManager[StepOptions]:
     """use_cache=False: HF decoders otherwise build a KV cache even in training forwards."""
     return _attribute(model.config, "use_cache", False)
 
 
 LEVERS: dict[str, tuple[str, Lever]] = {
-    "baseline": ("peftlab as shipped", lambda m: contextlib.nullcontext()),
-    "full_logits": ("head + CE at every position (what HF models do)", lambda m: _loss_path(full_logits_loss)),
+    "baseline": ("peftlab as shipped", lambda m: _options()),
+    "full_logits": ("head + CE at every position (what HF models do)", lambda m: _options(loss=full_logits_loss)),
     "labelled_unfused": ("head at labelled positions, unfused F.cross_entropy",
-                         lambda m: _loss_path(labelled_unfused_loss)),
-    "chunk_2e22": ("fused CE, 2^22-element chunks (85 rows)", lambda m: _attribute(losses, "CHUNK_ELEMENTS", 2**22)),
+                         lambda m: _options(loss=labelled_unfused_loss)),
+    "chunk_2e22": ("fused CE, 2^22-element chunks (85 rows)",
+                   lambda m: _options(loss=partial(loss_sum, chunk_elements=2**22))),
     "chunk_2e26": ("fused CE, 2^26-element chunks (1365 rows)",
-                   lambda m: _attribute(losses, "CHUNK_ELEMENTS", 2**26)),
+                   lambda m: _options(loss=partial(loss_sum, chunk_elements=2**26))),
     "threads_1": ("torch.set_num_threads(1)", lambda m: _threads(1)),
     "flush_denormal": ("torch.set_flush_denormal(True)", lambda m: _flush_denormal()),
     "no_kv_cache": ("model.config.use_cache = False", _no_kv_cache),
-    "lora_addmm": ("LoRALinear.forward with one addmm", lambda m: _attribute(LoRALinear, "forward", lora_forward_addmm)),
+    "lora_addmm": ("LoRALinear.forward with one addmm", lambda m: _lora_forward(m, lora_forward_addmm)),
     "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
                              lambda m: _split_batches(256)),
 }
@@ -179,33 +198,30 @@ def build(spec: Spec, n_batches: int) -> tuple[nn.Module, list[dict], TaskData, 
 
 
 def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches: list[dict],
-                cfg: TrainConfig) -> tuple[float, int]:
+                cfg: TrainConfig, options: StepOptions = SHIPPED) -> tuple[float, int]:
     """Seconds and non-pad tokens of one optimizer step per batch, through peftlab's own step."""
-    parameters = peftlab_train.trainable_named_parameters(model)
-    stream = ((0, i + 1, b) for i, b in enumerate(train_batches))
-    state, tokens = TrainState(), 0
+    parameters = trainable_named_parameters(model)
+    tokens = 0
     model.train()
     started = time.perf_counter()
-    for _ in train_batches:
-        _, step_tokens = peftlab_train._optimizer_step(model, parameters, optimizer, stream, state, "instruction",
-                                                        cfg, torch.device("cpu"))
-        tokens += step_tokens
+    for batch in train_batches:
+        tokens += optimizer_step(model, parameters, optimizer, [batch], "instruction", cfg, CPU, options).tokens
     return time.perf_counter() - started, tokens
 
 
-def loss_and_grads(model: nn.Module, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss sum and LoRA gradients on one batch, dropout off, through whatever loss path and split are active."""
+def loss_and_grads(model: nn.Module, batch: dict, options: StepOptions = SHIPPED,
+                   cfg: TrainConfig | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """A step's loss and the gradients it leaves on one batch, dropout off: peftlab's own accumulation.
+
+    ``cfg``: the step's settings (default TrainConfig(): no split unless ``options`` splits, fp32 on the CPU).
+    """
     model.eval()
     model.zero_grad(set_to_none=True)
-    total = 0.0
-    for piece in peftlab_train.split_by_tokens(batch, None):  # as shipped (no cap): the whole batch
-        piece_loss, _ = peftlab_train.loss_sum(model, piece, "instruction")
-        piece_loss.backward()  # gradients accumulate over pieces, as in train._optimizer_step
-        total += float(piece_loss.detach())
+    step = accumulate_gradients(model, [batch], "instruction", cfg or TrainConfig(), CPU, options)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.train()
-    return total, grads
+    return step.loss, grads
 
 
 def max_difference(reference: tuple[float, dict], other: tuple[float, dict]) -> dict[str, float]:
@@ -217,27 +233,27 @@ def max_difference(reference: tuple[float, dict], other: tuple[float, dict]) -> 
 
 def measure_levers(model: nn.Module, train_batches: list[dict], cfg: TrainConfig, names: list[str],
                    rounds: int) -> dict[str, dict]:
-    optimizer = peftlab_train.build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     samples: dict[str, list[dict]] = {name: [] for name in names}
     timed_steps(model, optimizer, train_batches[:1], cfg)  # warm-up: first-call allocations, thread pools
     for round_index in range(rounds):
         for name in names:
-            with LEVERS[name][1](model):
+            with LEVERS[name][1](model) as options:
                 fresh_peak()
                 # Untimed: fresh_peak handed freed pages back to the OS, so the first step after it pays
                 # for faulting them in again, more so after a low-memory variant; the peak still counts it.
-                timed_steps(model, optimizer, train_batches[:1], cfg)
-                seconds, tokens = timed_steps(model, optimizer, train_batches, cfg)
+                timed_steps(model, optimizer, train_batches[:1], cfg, options)
+                seconds, tokens = timed_steps(model, optimizer, train_batches, cfg, options)
                 peak = peak_memory(torch.device("cpu"))["peak_memory_mb"]
             samples[name].append({"seconds": seconds, "tokens": tokens, "peak_memory_mb": peak})
             _progress(f"round {round_index + 1}/{rounds} {name}: {tokens / seconds:.1f} tok/s, peak {peak:.0f} MB")
-    with LEVERS["baseline"][1](model):
-        reference = loss_and_grads(model, train_batches[0])
+    with LEVERS["baseline"][1](model) as options:
+        reference = loss_and_grads(model, train_batches[0], options)
     report = {}
     base_rate = statistics.median(s["tokens"] / s["seconds"] for s in samples["baseline"])
     for name in names:
-        with LEVERS[name][1](model):
-            difference = max_difference(reference, loss_and_grads(model, train_batches[0]))
+        with LEVERS[name][1](model) as options:
+            difference = max_difference(reference, loss_and_grads(model, train_batches[0], options))
         rate = statistics.median(s["tokens"] / s["seconds"] for s in samples[name])
         report[name] = {"description": LEVERS[name][0], "tokens_per_s_median": rate,
                         "speed_vs_baseline": rate / base_rate,
@@ -253,15 +269,15 @@ def measure_all_labelled(model: nn.Module, train_batches: list[dict], cfg: Train
     Each step's batches get labels = input_ids on every real token; baseline (fused, chunked) and
     labelled_unfused are interleaved; peak RSS is per variant.
     """
-    labelled = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, losses.IGNORE_INDEX)}
+    labelled = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)}
                 for b in train_batches]
-    optimizer = peftlab_train.build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "labelled_unfused": []}
     for _ in range(rounds):
         for name in samples:
-            with LEVERS[name][1](model):
+            with LEVERS[name][1](model) as options:
                 fresh_peak()
-                seconds, tokens = timed_steps(model, optimizer, labelled, cfg)
+                seconds, tokens = timed_steps(model, optimizer, labelled, cfg, options)
                 samples[name].append((tokens / seconds, peak_memory(torch.device("cpu"))["peak_memory_mb"]))
     rate = {n: statistics.median(r for r, _ in v) for n, v in samples.items()}
     peak = {n: statistics.median(m for _, m in v) for n, v in samples.items()}
@@ -272,7 +288,7 @@ def measure_all_labelled(model: nn.Module, train_batches: list[dict], cfg: Train
 
 def measure_compile(model: nn.Module, train_batches: list[dict], cfg: TrainConfig) -> dict[str, Any]:
     """torch.compile of every decoder block: compile seconds (first steps) and steady-state speed after."""
-    optimizer = peftlab_train.build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     eager_seconds, eager_tokens = timed_steps(model, optimizer, train_batches, cfg)
     blocks = model.base_model.layers
     for block in blocks:
@@ -303,10 +319,8 @@ def measure_pipeline_and_eval(model: nn.Module, spec: Spec, data: TaskData, pad_
     eval_tokens = sum(int(b["attention_mask"].sum()) for b in eval_batches)
     timings = {}
     for name in ("baseline", "full_logits"):
-        with LEVERS[name][1](model):
-            started = time.perf_counter()
-            peftlab_evaluate.evaluate(model, eval_batches, "instruction")
-            timings[name] = time.perf_counter() - started
+        with LEVERS[name][1](model) as options:
+            timings[name] = evaluate(model, eval_batches, "instruction", loss=options.loss).seconds
     epoch_train_seconds = train_tokens * step_seconds_per_token
     return {"batches_seconds_per_epoch": batch_seconds, "train_seconds_per_epoch_estimate": epoch_train_seconds,
             "pipeline_fraction": batch_seconds / epoch_train_seconds, "eval_tokens": eval_tokens,
@@ -332,7 +346,7 @@ def profile_steps(model: nn.Module, train_batches: list[dict], cfg: TrainConfig,
     """torch.profiler over a few optimizer steps: top ops by self CPU time, and time per category."""
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = peftlab_train.build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     timed_steps(model, optimizer, train_batches[:1], cfg)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         timed_steps(model, optimizer, train_batches[:steps], cfg)

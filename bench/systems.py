@@ -32,7 +32,7 @@ from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.core.params import count_params
 from peftlab.run.resources import peak_memory, reset_peak_memory
 from peftlab.run.tracking import MetricsLog
-import peftlab.run.train as peftlab_train
+from peftlab.run.train import autocast_for, train
 
 SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +81,7 @@ def eval_loss(model: nn.Module, data: TaskData, spec: Spec, pad_id: int, device:
     """The one eval: peftlab.run.evaluate (token-weighted) on the same unshuffled batches for every system."""
     stream = ({k: v.to(device) for k, v in b.items()}
               for b in batches(data.eval, spec.batch_size, pad_id=pad_id, seed=spec.seed, epoch=0, shuffle=False))
-    return evaluate(model, stream, "instruction", peftlab_train.autocast_for(device, "auto")).loss
+    return evaluate(model, stream, "instruction", autocast_for(device, "auto")).loss
 
 
 def _sync(device: torch.device) -> None:
@@ -104,64 +104,19 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
     cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, scheduler="cosine",
                       warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                       max_batch_tokens=spec.max_batch_tokens, device=device.type, num_samples=0, log_every=10**9)
-    counter = _PeftlabCounter()
-    with counter.installed():
-        reset_peak_memory(device)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        outcome = peftlab_train.train(model, data.train, data.eval, "instruction", cfg, pad_id=tokenizer.pad_token_id,
-                                      device=device, log=MetricsLog(None, echo=False))
-        _sync(device)
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        peak = peak_memory(device)
-    return {"train_seconds": wall - counter.eval_seconds, "train_cpu_seconds": cpu - counter.eval_cpu_seconds,
-            "loop_seconds": outcome.state.train_seconds, "eval_seconds": counter.eval_seconds, "tokens": outcome.state.train_tokens,
-            "padded_tokens": counter.padded_tokens, "steps": outcome.state.step, "status": outcome.status,
+    reset_peak_memory(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    outcome = train(model, data.train, data.eval, "instruction", cfg, pad_id=tokenizer.pad_token_id,
+                    device=device, log=MetricsLog(None, echo=False))
+    _sync(device)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    peak = peak_memory(device)
+    # The loop ends with an evaluation; the outcome says what it (and any other) cost, so it is subtracted.
+    return {"train_seconds": wall - outcome.eval_seconds, "train_cpu_seconds": cpu - outcome.eval_cpu_seconds,
+            "loop_seconds": outcome.state.train_seconds, "eval_seconds": outcome.eval_seconds,
+            "tokens": outcome.state.train_tokens, "padded_tokens": outcome.padded_tokens,
+            "steps": outcome.state.step, "status": outcome.status,
             "trainable_params": prepared.trainable_params, "model": model, **peak}
-
-
-class _PeftlabCounter:
-    """Counts padded training tokens and times the loop's final evaluation, without changing either.
-
-    peftlab.run.train calls the module-level names ``split_by_tokens`` (once per training batch, never
-    for eval) and ``evaluate``; both are wrapped for the duration of the run.
-    """
-
-    def __init__(self) -> None:
-        self.padded_tokens, self.eval_seconds, self.eval_cpu_seconds = 0, 0.0, 0.0
-
-    def installed(self) -> "_patched":
-        inner_split, inner_evaluate = peftlab_train.split_by_tokens, peftlab_train.evaluate
-
-        def counted_split(*args: Any, **kwargs: Any) -> list[dict]:
-            pieces = inner_split(*args, **kwargs)
-            self.padded_tokens += sum(piece["input_ids"].numel() for piece in pieces)  # what the model runs on
-            return pieces
-
-        def timed_evaluate(*args: Any, **kwargs: Any):
-            started, cpu_started = time.perf_counter(), time.process_time()
-            try:
-                return inner_evaluate(*args, **kwargs)
-            finally:
-                self.eval_seconds += time.perf_counter() - started
-                self.eval_cpu_seconds += time.process_time() - cpu_started
-
-        return _patched(peftlab_train, split_by_tokens=counted_split, evaluate=timed_evaluate)
-
-
-class _patched:
-    """Temporarily replace module attributes (restored on exit, also on error)."""
-
-    def __init__(self, module: Any, **replacements: Any) -> None:
-        self.module, self.replacements, self.saved = module, replacements, {}
-
-    def __enter__(self) -> None:
-        for name, value in self.replacements.items():
-            self.saved[name] = getattr(self.module, name)
-            setattr(self.module, name, value)
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, value in self.saved.items():
-            setattr(self.module, name, value)
 
 
 # --- HF Trainer + peft ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Seconds on a CPU; nothing here asserts on speed (speed is measured by bench/, ne
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,13 +166,26 @@ def _lora_llama():
     return model
 
 
+def _peftlab_namespaces():
+    """Every name in the peftlab modules a step and an evaluation run through, with what it is bound to."""
+    import peftlab.core.methods.lora as lora
+    import peftlab.inputs.data as data
+    import peftlab.run.evaluate as evaluate
+    import peftlab.run.losses as losses
+    import peftlab.run.train as train
+
+    return {owner.__name__: dict(vars(owner)) for owner in (train, evaluate, losses, data, lora, lora.LoRALinear)}
+
+
 @pytest.mark.parametrize("lever", [name for name in levers.LEVERS if name != "baseline"])
-def test_every_lever_leaves_loss_and_gradients_unchanged(lever):
+def test_every_lever_leaves_loss_and_gradients_unchanged_and_patches_nothing_in_peftlab(lever):
     model, batch = _lora_llama(), _batch()
-    with levers.LEVERS["baseline"][1](model):
-        reference = levers.loss_and_grads(model, batch)
-    with levers.LEVERS[lever][1](model):
-        changed = levers.loss_and_grads(model, batch)
+    before = _peftlab_namespaces()
+    with levers.LEVERS["baseline"][1](model) as options:
+        reference = levers.loss_and_grads(model, batch, options)
+    with levers.LEVERS[lever][1](model) as options:
+        assert _peftlab_namespaces() == before  # a lever passes functions in or changes the model, never peftlab
+        changed = levers.loss_and_grads(model, batch, options)
     difference = levers.max_difference(reference, changed)
     assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
 
@@ -180,16 +194,13 @@ def test_split_batch_lever_really_splits_and_leaves_loss_and_gradients_unchanged
     model, batch = _lora_llama(), _batch()  # 3 rows of up to 14 tokens: a 16-token cap makes 3 pieces
     reference = levers.loss_and_grads(model, batch)
     pieces = []
-    with levers._split_batches(16):
-        split = levers.peftlab_train.split_by_tokens
+    with levers._split_batches(16) as options:
 
         def recorded(b, cap):
-            pieces.extend(split(b, cap))
+            pieces.extend(options.split(b, cap))
             return pieces
 
-        with levers._attribute(levers.peftlab_train, "split_by_tokens", recorded):
-            changed = levers.loss_and_grads(model, batch)
-    assert levers.peftlab_train.split_by_tokens is levers.split_by_tokens  # restored
+        changed = levers.loss_and_grads(model, batch, replace(options, split=recorded))
     assert len(pieces) == 3
     difference = levers.max_difference(reference, changed)
     assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
@@ -198,14 +209,16 @@ def test_split_batch_lever_really_splits_and_leaves_loss_and_gradients_unchanged
 def test_lora_addmm_forward_equals_the_plain_forward_in_training_with_dropout():
     model, batch = _lora_llama(), _batch()
     outputs = []
-    for forward in (levers._ORIGINAL_LORA_FORWARD, levers.lora_forward_addmm):
-        with levers._attribute(levers.LoRALinear, "forward", forward):
+    for lever in ("baseline", "lora_addmm"):
+        with levers.LEVERS[lever][1](model):
+            assert any("forward" in vars(m) for m in model.modules()) == (lever == "lora_addmm")
             torch.manual_seed(3)  # the same dropout masks
             model.train()
             total, _ = loss_sum(model, batch, "instruction")
             total.backward()
             outputs.append((total.detach(), _grads(model)))
             model.zero_grad(set_to_none=True)
+    assert not any("forward" in vars(m) for m in model.modules())  # the instances' forwards are restored
     torch.testing.assert_close(outputs[0][0], outputs[1][0])
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -8,7 +8,9 @@ from peftlab.config import MethodConfig, RankConfig, TrainConfig
 from peftlab.core.methods import prepare
 from peftlab.core.modelmap import build_model_map
 from peftlab.run.tracking import MetricsLog
-from peftlab.run.train import build_optimizer, build_scheduler, train
+from peftlab.inputs.data import batches, split_by_tokens
+from peftlab.run.train import (StepOptions, build_optimizer, build_scheduler, optimizer_step, train,
+                               trainable_named_parameters)
 
 from conftest import tiny_llama
 
@@ -32,10 +34,10 @@ def _lora_model(dropout: float = 0.1):
     return model
 
 
-def _train(model, cfg, tmp_path=None, resume=False, on_step=None):
+def _train(model, cfg, tmp_path=None, resume=False, on_step=None, options=StepOptions()):
     return train(model, _examples(24), _examples(8, seed=1), "instruction", cfg, pad_id=0,
                  device=torch.device("cpu"), log=MetricsLog(tmp_path, echo=False),
-                 checkpoint_dir=tmp_path, resume=resume, on_step=on_step)
+                 checkpoint_dir=tmp_path, resume=resume, on_step=on_step, options=options)
 
 
 def _trainable_state(model):
@@ -165,31 +167,56 @@ def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum, monkeypatch):
+def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum):
     """Pieces of one batch are summed in the same optimizer step: same losses and weights as unsplit."""
-    import peftlab.run.train as train_module
-
     plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None)
     split = TrainConfig(**{**plain.__dict__, "max_batch_tokens": 20})  # 6 rows of up to 16 tokens: 5+ pieces
     a_model, b_model = _lora_model(dropout=0.0), _lora_model(dropout=0.0)
     a = _train(a_model, plain)
     pieces_per_batch = []
-    real_split = train_module.split_by_tokens
 
     def counted_split(batch, cap):
-        pieces = real_split(batch, cap)
+        pieces = split_by_tokens(batch, cap)
         pieces_per_batch.append(len(pieces))
         return pieces
 
-    monkeypatch.setattr(train_module, "split_by_tokens", counted_split)
-    b = _train(b_model, split)
+    b = _train(b_model, split, options=StepOptions(split=counted_split))
     assert len(pieces_per_batch) == 4 * grad_accum and min(pieces_per_batch) > 1  # the cap really split every step
+    assert b.padded_tokens < a.padded_tokens  # pieces are trimmed to their own longest row
     assert [r["train_loss"] for r in a.history if "train_loss" in r] == pytest.approx(
         [r["train_loss"] for r in b.history if "train_loss" in r], rel=1e-5)
     assert a.state.train_tokens == b.state.train_tokens
     for (name, p), (_, q) in zip(_trainable_state(a_model).items(), _trainable_state(b_model).items()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     assert b.final_eval.loss == pytest.approx(a.final_eval.loss, rel=1e-5)
+
+
+def test_optimizer_step_is_the_step_a_run_takes():
+    """bench/ times optimizer_step on batches it chose: one call is exactly a one-step run's step."""
+    cfg = TrainConfig(max_steps=1, batch_size=4, lr=1e-2, seed=0, save_every=None, scheduler="constant")
+    run_model, step_model = _lora_model(dropout=0.0), _lora_model(dropout=0.0)
+    outcome = _train(run_model, cfg)
+    first = next(iter(batches(_examples(24), cfg.batch_size, pad_id=0, seed=cfg.seed, epoch=0)))
+    step_model.train()
+    step = optimizer_step(step_model, trainable_named_parameters(step_model), build_optimizer(step_model, cfg),
+                          [first], "instruction", cfg, torch.device("cpu"))
+    record = outcome.history[0]
+    assert (step.loss, step.units, step.tokens) == (record["train_loss"], record["train_units"],
+                                                    outcome.state.train_tokens)
+    assert step.padded_tokens == outcome.padded_tokens == first["input_ids"].numel()
+    for name, value in _trainable_state(run_model).items():
+        assert torch.equal(value, _trainable_state(step_model)[name]), name
+
+
+def test_outcome_counts_padded_tokens_and_evaluation_seconds():
+    """What a benchmark reads off a run instead of wrapping its functions: padding trained on, time evaluating."""
+    cfg = TrainConfig(max_steps=3, batch_size=4, eval_every=2, seed=0, save_every=None)
+    outcome = _train(_lora_model(), cfg)
+    trained = list(batches(_examples(24), cfg.batch_size, pad_id=0, seed=cfg.seed, epoch=0))[:3]
+    assert outcome.padded_tokens == sum(b["input_ids"].numel() for b in trained)  # no split: whole batches
+    assert outcome.state.train_tokens == sum(int(b["attention_mask"].sum()) for b in trained)
+    assert outcome.eval_seconds > 0 and outcome.eval_cpu_seconds >= 0  # the evaluations at steps 2 and 3
+    assert "seconds" not in outcome.final_eval.as_metrics()  # a cost, never a logged metric
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from peftlab.inputs.data import encode_prompt
-from peftlab.run.losses import classification_loss_sum, label_units, loss_sum
+from peftlab.run.losses import LossFn, classification_loss_sum, label_units, loss_sum
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -32,6 +33,10 @@ class EvalResult:
     perplexity: float | None = None  # causal tasks only
     accuracy: float | None = None  # classification only
     macro_f1: float | None = None  # classification only
+    # What the evaluation cost (batch building included): a measurement, never a metric of the model,
+    # so as_metrics leaves them out and a run's logged numbers do not depend on the machine's speed.
+    seconds: float = 0.0  # wall
+    cpu_seconds: float = 0.0  # this process's CPU time
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {"eval_loss": self.loss, "eval_units": self.units}
@@ -44,8 +49,20 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str,
-             autocast: "torch.autocast | None" = None) -> EvalResult:
-    """Evaluate over ``batches`` (already on the model's device)."""
+             autocast: "torch.autocast | None" = None, *, loss: LossFn = loss_sum) -> EvalResult:
+    """Evaluate over ``batches`` (already on the model's device), timed.
+
+    ``loss``: the causal tasks' batch loss (classification computes its loss from the logits it
+    needs for accuracy).
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = _evaluate(model, batches, task, autocast, loss)
+    result.seconds, result.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return result
+
+
+def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str,
+              autocast: "torch.autocast | None", loss: LossFn) -> EvalResult:
     was_training = model.training
     model.eval()
     total, units = 0.0, 0
@@ -59,7 +76,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task:
                 predictions.append(logits.argmax(-1).cpu())
                 gold.append(batch["label"].cpu())
             else:
-                batch_sum, batch_units = loss_sum(model, batch, task)
+                batch_sum, batch_units = loss(model, batch, task)
         total += float(batch_sum)
         units += batch_units
     model.train(was_training)

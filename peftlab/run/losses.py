@@ -15,6 +15,8 @@ tests (tests/test_losses.py, tests/test_bench.py) and measured by bench/:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,12 +39,18 @@ _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gp
 # chunk size gives the same loss).
 CHUNK_ELEMENTS = 2**24
 
+# What training and evaluation call for a batch's loss: (model, batch, task) -> (summed loss, units).
+# loss_sum is the one a run uses; bench/levers.py passes others to measure what loss_sum's paths buy.
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], str], tuple[torch.Tensor, int]]
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, *,
+             chunk_elements: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed loss over the batch's labelled units and their count (``label_units``).
 
     causal tasks: units are label tokens (labels != IGNORE_INDEX after the shift);
-    classification: units are examples.
+    classification: units are examples. ``chunk_elements``: logit elements per chunk of the fused
+    head + cross-entropy (None: CHUNK_ELEMENTS); any size gives the same loss, only speed and memory differ.
     """
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
@@ -50,7 +58,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tup
     head = plain_head(model)
     if head is not None:
         hidden, targets = labelled_hidden(model, batch)  # [N, H], [N]
-        return linear_cross_entropy_sum(hidden, head.weight, targets), int(targets.numel())
+        rows = max(1, chunk_elements // head.weight.shape[0]) if chunk_elements else None
+        return linear_cross_entropy_sum(hidden, head.weight, targets, rows), int(targets.numel())
     logits, targets = labelled_logits(model, batch)  # [N, V], [N]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 

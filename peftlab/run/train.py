@@ -6,6 +6,10 @@ cosine / linear / constant, gradient accumulation with exact token weighting,
 clipping, checkpoints and exact resume, and divergence detection: a non-finite
 loss or gradient stops the run and names the step and the parameters, and so does
 a non-finite loss at any evaluation, the final one included.
+
+Public measurement points, so a benchmark measures the real step and patches nothing: ``optimizer_step``
+and ``accumulate_gradients`` (its forward and backward) take the loss and batch splitter as ``StepOptions``;
+``TrainOutcome`` counts padded tokens and evaluation seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,10 +29,32 @@ from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, 
 from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, num_batches, split_by_tokens
 from peftlab.run.evaluate import EvalResult, evaluate
-from peftlab.run.losses import label_units, loss_sum
+from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.resources import load_average
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
+
+
+# (batch, max_batch_tokens) -> pieces run one after another in one step; a run uses split_by_tokens.
+SplitFn = Callable[[dict[str, torch.Tensor], int | None], list[dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a step calls, passed in rather than read from module globals: bench/levers.py swaps them."""
+
+    loss: LossFn = loss_sum  # (model, batch, task) -> (summed loss, label units); evaluation uses it too
+    split: SplitFn = split_by_tokens  # (batch, cfg.max_batch_tokens) -> pieces of one step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step trained on: its log record's loss and units, and what a benchmark counts."""
+
+    loss: float  # mean over ``units``: token-weighted across micro-batches and pieces
+    units: int  # label tokens (examples for classification) the loss is averaged over
+    tokens: int  # non-padding tokens
+    padded_tokens: int  # positions the model ran on, padding included: rows x width of every piece
 
 
 @dataclass
@@ -41,6 +67,15 @@ class TrainOutcome:
     train_eval: EvalResult | None = None  # the final model on a subset of its training examples
     history: list[dict] = field(default_factory=list)
     load_avg_max: float | None = None  # highest 1-minute load average seen; None where the OS has none
+    # Measurements of this call (a resumed run counts from the resume), for benchmarks; not in the summary.
+    padded_tokens: int = 0  # positions the training steps ran on, padding included
+    eval_seconds: float = 0.0  # wall seconds of the evaluations during and at the end of training
+    eval_cpu_seconds: float = 0.0  # their CPU seconds
+
+    def note_eval(self, result: EvalResult) -> None:
+        """Add an evaluation's cost: a benchmark subtracts it to time training alone."""
+        self.eval_seconds += result.seconds
+        self.eval_cpu_seconds += result.cpu_seconds
 
     def note_load(self) -> None:
         """Sample the load average: a busy machine explains slow tokens/s (os.getloadavg is one syscall)."""
@@ -142,11 +177,12 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict], task: str,
           cfg: TrainConfig, *, pad_id: int, device: torch.device, log: MetricsLog,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[int], None] | None = None) -> TrainOutcome:
+          on_step: Callable[[int], None] | None = None, options: StepOptions = StepOptions()) -> TrainOutcome:
     """Train ``model`` (already prepared and on ``device``) and evaluate it at the end.
 
     SIGINT/SIGTERM stop after the current step, save a checkpoint (when ``checkpoint_dir`` is
     given) and raise ``Interrupted``; ``resume`` continues from the latest checkpoint.
+    ``options``: the loss (of every step and evaluation) and the batch splitter; the defaults are peftlab's.
     """
     parameters = trainable_named_parameters(model)
     optimizer = build_optimizer(model, cfg)
@@ -164,7 +200,8 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     outcome.note_load()
 
     def run_eval() -> EvalResult:
-        result = evaluate_on(model, eval_examples, task, cfg, pad_id, device)
+        result = evaluate_on(model, eval_examples, task, cfg, pad_id, device, loss=options.loss)
+        outcome.note_eval(result)
         reason = eval_divergence(result)
         if reason:  # a NaN eval loss is a divergence like a NaN training loss, never a metric
             raise Diverged(reason, [], step=state.step)
@@ -185,7 +222,9 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
             while state.step < total_steps:
                 if stop.requested:  # checked before each step: also catches a signal sent while the model loaded
                     _stop_here(state.step, checkpoint, log)
-                record = _timed_step(model, parameters, optimizer, scheduler, stream, state, task, cfg, device)
+                record, step = _timed_step(model, parameters, optimizer, scheduler, stream, state, task, cfg,
+                                           device, options)
+                outcome.padded_tokens += step.padded_tokens
                 history.append(record)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     log.write(record)
@@ -212,9 +251,10 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
 
 
 def evaluate_on(model: nn.Module, examples: list[dict], task: str, cfg: TrainConfig, pad_id: int,
-                device: torch.device) -> EvalResult:
+                device: torch.device, *, loss: LossFn = loss_sum) -> EvalResult:
     """The one way a run evaluates: fixed-order batches under the run's autocast."""
-    return evaluate(model, eval_batches(examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision))
+    return evaluate(model, eval_batches(examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision),
+                    loss=loss)
 
 
 def eval_divergence(result: EvalResult) -> str | None:
@@ -230,54 +270,70 @@ def _stop_here(step: int, checkpoint: Callable[[], None], log: MetricsLog) -> No
 
 def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LambdaLR, stream: Iterator, state: TrainState, task: str,
-                cfg: TrainConfig, device: torch.device) -> dict:
-    """One optimizer step, with the state advanced and the step's log record returned."""
+                cfg: TrainConfig, device: torch.device, options: StepOptions) -> tuple[dict, StepResult]:
+    """One optimizer step on the stream's next batches, the state advanced; the step's log record and result."""
     started = time.perf_counter()
-    loss, tokens, units = _counted_step(model, parameters, optimizer, stream, state, task, cfg, device)
+    step = optimizer_step(model, parameters, optimizer, _draw(stream, state, cfg.grad_accum), task, cfg, device,
+                          options)
     scheduler.step()
     state.step += 1
     state.train_seconds += time.perf_counter() - started
-    state.train_tokens += tokens
+    state.train_tokens += step.tokens
     # train_units: what the step's loss is averaged over, so a report can weight a running loss by it
-    return {"step": state.step, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": state.train_tokens / state.train_seconds, "train_units": units}
+    record = {"step": state.step, "train_loss": step.loss, "lr": scheduler.get_last_lr()[0],
+              "tokens_per_s": state.train_tokens / state.train_seconds, "train_units": step.units}
+    return record, step
 
 
-def _optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    stream: Iterator, state: TrainState, task: str, cfg: TrainConfig,
-                    device: torch.device) -> tuple[float, int]:
-    """One optimizer step over grad_accum micro-batches; returns (token-weighted loss, non-pad tokens)."""
-    loss, tokens, _ = _counted_step(model, parameters, optimizer, stream, state, task, cfg, device)
-    return loss, tokens
-
-
-def _counted_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-                  stream: Iterator, state: TrainState, task: str, cfg: TrainConfig,
-                  device: torch.device) -> tuple[float, int, int]:
-    """``_optimizer_step`` that also returns the label units its loss is averaged over."""
-    micro = []
-    for _ in range(cfg.grad_accum):
+def _draw(stream: Iterator, state: TrainState, count: int) -> list[dict[str, torch.Tensor]]:
+    """The next ``count`` batches; the state's data position follows, so a checkpoint resumes after them."""
+    drawn = []
+    for _ in range(count):
         state.epoch, state.batch_in_epoch, batch = next(stream)
-        for piece in split_by_tokens(batch, cfg.max_batch_tokens):
-            micro.append({key: value.to(device, non_blocking=True) for key, value in piece.items()})
-    # Normalise by the label units of the whole step, so accumulation is exactly token-weighted.
-    units = sum(label_units(batch, task) for batch in micro)
-    total_loss = 0.0
-    for batch in micro:
-        with autocast_for(device, cfg.precision):
-            batch_sum, _ = loss_sum(model, batch, task)
-        (batch_sum / units).backward()
-        total_loss += float(batch_sum.detach())
-    loss = total_loss / units
-    if not math.isfinite(loss):
-        raise Diverged(f"non-finite training loss ({loss})", _non_finite_grads(parameters))
+        drawn.append(batch)
+    return drawn
+
+
+def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                   batches: Sequence[dict[str, torch.Tensor]], task: str, cfg: TrainConfig, device: torch.device,
+                   options: StepOptions = StepOptions()) -> StepResult:
+    """One optimizer step over ``batches`` (a step's grad_accum micro-batches, on any device): the training step.
+
+    Gradients as ``accumulate_gradients``, then clipping to cfg.max_grad_norm, AdamW's update and
+    zeroed gradients; the scheduler is the caller's. Raises ``Diverged`` (naming the parameters) on a
+    non-finite loss or gradient, before the parameters change. ``parameters``: trainable_named_parameters.
+    """
+    step = accumulate_gradients(model, batches, task, cfg, device, options)
+    if not math.isfinite(step.loss):
+        raise Diverged(f"non-finite training loss ({step.loss})", _non_finite_grads(parameters))
     norm = torch.nn.utils.clip_grad_norm_([p for _, p in parameters], cfg.max_grad_norm or float("inf"))
     if not torch.isfinite(norm):
         raise Diverged("non-finite gradient", _non_finite_grads(parameters))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = int(sum(int(batch["attention_mask"].sum()) for batch in micro))
-    return loss, tokens, units
+    return step
+
+
+def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], task: str, cfg: TrainConfig,
+                         device: torch.device, options: StepOptions = StepOptions()) -> StepResult:
+    """Forward and backward over ``batches``, adding d(step loss)/d(parameter) into each ``.grad``.
+
+    Each batch is cut by ``options.split`` (at cfg.max_batch_tokens) and moved to ``device``; every
+    piece's summed loss is divided by the label units of the whole step before its backward, so
+    accumulation is exactly token-weighted. Runs under the run's autocast; the model's mode is the caller's.
+    """
+    pieces = [{key: value.to(device, non_blocking=True) for key, value in piece.items()}
+              for batch in batches for piece in options.split(batch, cfg.max_batch_tokens)]
+    units = sum(label_units(piece, task) for piece in pieces)
+    total_loss = 0.0
+    for piece in pieces:
+        with autocast_for(device, cfg.precision):
+            piece_sum, _ = options.loss(model, piece, task)
+        (piece_sum / units).backward()
+        total_loss += float(piece_sum.detach())
+    tokens = sum(int(piece["attention_mask"].sum()) for piece in pieces)
+    padded = sum(piece["input_ids"].numel() for piece in pieces)
+    return StepResult(loss=total_loss / units, units=units, tokens=tokens, padded_tokens=padded)
 
 
 def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
