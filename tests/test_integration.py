@@ -10,6 +10,7 @@ from peftlab.cli import main
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # SmolLM2-135M on the CPU (~20 s), and the GGUF conversion on a fresh cache
 def test_lora_on_embedded_smollm2_and_chatterbot(tmp_path, capsys):
     out = tmp_path / "smollm2"
     code = main(["run", "examples/quickstart.yaml", "--out", str(out), "--set", "train.max_steps=2",

