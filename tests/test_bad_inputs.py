@@ -417,7 +417,6 @@ def test_the_catalogue_has_unique_ids():
 # --- damaged files that are not mistakes: read past, and the run goes on ---------------------------
 
 
-@pytest.mark.slow  # two runs, one stopped by a full disk and resumed (~12 s)
 def test_a_full_disk_costs_nothing_once_space_is_freed(env, capsys):
     """The run that stopped on a full disk at its first checkpoint continues with --resume once there is room."""
     argv = _full_disk_at_checkpoint(env)
