@@ -9,20 +9,30 @@ import re
 import pytest
 
 from peftlab.errors import UserError
-from peftlab.study.report import load_runs, make_report
+from peftlab.run.summary import (Collapse, DataInfo, Divergence, PlacedModule, data_warnings, small_eval_warning,
+                                 write_summary)
+from peftlab.study.analysis import load_runs
+from peftlab.study.report import make_report
 from peftlab.sweep_cli import add_commands
+
+from summaries import failed_summary, make_summary, params as params_of, resources
 
 ENV = {"peftlab": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.23.0", "device": "cpu", "processor": "Test CPU"}
 
 
 def _placement(rank, roles=("attn_q", "attn_v", "mlp_in")):
     names = {"attn_q": "self_attn.q_proj", "attn_v": "self_attn.v_proj", "mlp_in": "mlp.up_proj"}
-    return [{"module": f"model.layers.{layer}.{names[role]}", "layer": layer, "role": role, "slices": None,
-             "rank": rank(layer)} for layer in range(4) for role in roles]
+    return [PlacedModule(f"model.layers.{layer}.{names[role]}", layer, role, None, rank(layer))
+            for layer in range(4) for role in roles]
+
+
+def _metrics(loss):
+    return {"eval_loss": loss, "eval_units": 100, "perplexity": math.exp(loss), "train_loss": loss + 0.1}
 
 
 def _write_run(root, run_id, strategy, index, seed, *, status="completed", loss=None, params=1000, seconds=10.0,
-               eval_examples=500, placement=None, summary=True, grid=None):
+               eval_examples=500, placement=None, summary=True, grid=None, **fields):
+    """A run folder as a sweep leaves it; ``fields`` override the summary's (RunSummary fields)."""
     folder = root / "runs" / run_id
     folder.mkdir(parents=True)
     info = {"run_id": run_id, "strategy": strategy, "strategy_index": index, "grid": grid or {}, "seed": seed}
@@ -33,28 +43,21 @@ def _write_run(root, run_id, strategy, index, seed, *, status="completed", loss=
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve) + '{"step": 5, "trai')
     if not summary:
         return folder
-    record = {
-        "status": status, "name": run_id, "model": "tiny", "task": "instruction", "method": "lora",
-        "metrics": {"eval_loss": loss, "eval_units": 100, "perplexity": math.exp(loss), "train_loss": loss + 0.1}
-        if status == "completed" else {},
-        "params": {"trainable": params, "total": 100_000, "percent": 100 * params / 100_000},
-        "resources": {"train_seconds": seconds, "tokens_per_s": 100.0, "peak_memory_mb": 500.0 + params / 1000,
-                      "memory_kind": "peak_rss", "adapter_bytes": params * 4, "steps": 4, "total_steps": 4,
-                      "train_tokens": 400},
-        "divergence": {"step": 3, "reason": "non-finite gradient", "parameters": ["layers.1.lora_B"]}
-        if status == "diverged" else None,
-        "data": {"train_examples": 1000, "eval_examples": eval_examples},
-        "placement": placement or [], "warnings": [], "environment": ENV,
-        "started": f"2025-01-0{seed}T10:00:00", "wall_seconds": 12.0,
-        "config": {"model": "tiny", "data": {"source": "alpaca.jsonl"},
-                   "train": {"max_steps": 4, "batch_size": 8, "grad_accum": 1, "lr": 1e-4, "scheduler": "cosine",
-                             "warmup_ratio": 0.1, "weight_decay": 0.01, "seed": seed}},
-        "sweep": info,
-    }
     if status == "failed":
-        record = {"status": "failed", "name": run_id, "error": "RuntimeError: out of memory", "sweep": info,
-                  "metrics": {}, "params": {}, "resources": {}, "environment": {}}
-    (folder / "summary.json").write_text(json.dumps(record))
+        record = failed_summary(run_id, "RuntimeError: out of memory", sweep=info)
+    else:
+        record = make_summary(status, name=run_id, **{
+            "metrics": _metrics(loss) if status == "completed" else {}, "params": params_of(params, 100_000),
+            "resources": resources(train_seconds=seconds, peak_memory_mb=500.0 + params / 1000,
+                                   adapter_bytes=params * 4),
+            "divergence": Divergence(3, "non-finite gradient", ["layers.1.lora_B"]) if status == "diverged" else None,
+            "data": DataInfo(1000, eval_examples), "placement": placement or [], "environment": ENV,
+            "started": f"2025-01-0{seed}T10:00:00", "wall_seconds": 12.0,
+            "config": {"model": "tiny", "data": {"source": "alpaca.jsonl"},
+                       "train": {"max_steps": 4, "batch_size": 8, "grad_accum": 1, "lr": 1e-4, "scheduler": "cosine",
+                                 "warmup_ratio": 0.1, "weight_decay": 0.01, "seed": seed}},
+            "sweep": info, **fields})
+    write_summary(folder / "summary.json", record)
     return folder
 
 
@@ -149,6 +152,18 @@ def test_small_eval_set_is_flagged(tmp_path):
     assert "evaluated on only 20 examples" in text and "within evaluation noise" in text
 
 
+def test_runner_warnings_are_listed_by_kind_and_the_small_eval_one_is_worded_once(tmp_path):
+    root = tmp_path / "s"
+    label_gap = "1 of 20 eval examples have a label that no training example has (meh): it can never be predicted"
+    for seed in (1, 2):
+        _write_run(root, f"a__seed{seed}", "a", 0, seed, loss=3.0 + seed / 10, eval_examples=20,
+                   warnings=[*data_warnings([label_gap]), small_eval_warning(20)])
+    make_report(root)
+    text = (root / "report.md").read_text()
+    assert f"runner: {label_gap}" in text  # a data warning, although it mentions eval examples
+    assert "runner: only 20 eval examples" not in text and text.count("evaluated on only 20 examples") == 1
+
+
 def test_report_embeds_figures_and_environment(sweep_dir):
     make_report(sweep_dir)
     markdown = (sweep_dir / "report.md").read_text()
@@ -218,13 +233,10 @@ def test_classification_report_names_the_majority_class_floor_and_shows_f1(tmp_p
     accuracies = {"stuck": (0.64, 0.64, 0.64), "learns": (0.80, 0.82, 0.81)}
     for index, (strategy, values) in enumerate(accuracies.items()):
         for seed, accuracy in zip((1, 2, 3), values):
-            folder = _write_run(root, f"{strategy}__seed{seed}", strategy, index, seed, loss=0.6)
-            summary = json.loads((folder / "summary.json").read_text())
-            summary["task"] = "classification"
-            summary["metrics"].update(accuracy=accuracy, macro_f1=0.39 if strategy == "stuck" else 0.8,
-                                      train_accuracy=accuracy)
-            summary["data"].update(eval_majority_label="fresh", eval_majority_accuracy=0.64)
-            (folder / "summary.json").write_text(json.dumps(summary))
+            metrics = {**_metrics(0.6), "accuracy": accuracy, "macro_f1": 0.39 if strategy == "stuck" else 0.8,
+                       "train_accuracy": accuracy}
+            _write_run(root, f"{strategy}__seed{seed}", strategy, index, seed, loss=0.6, task="classification",
+                       metrics=metrics, data=DataInfo(1000, 500, "fresh", 0.64))
     make_report(root)
     text = (root / "report.md").read_text()
     assert "Always answering the eval set's most frequent class ('fresh') scores accuracy 0.64" in text
@@ -284,13 +296,13 @@ def test_a_constant_paired_difference_is_a_verdict_at_the_top_of_the_report(tmp_
 
 def test_collapsed_and_stray_runs_are_listed_and_never_averaged_and_no_nan_is_written(tmp_path):
     root = tmp_path / "p"
-    base = _paired_sweep(root, extra_runs=[("b__seed4", "b", 1, 4, {"status": "collapsed", "loss": 10.8})])
-    summary = json.loads((root / "runs" / "b__seed4" / "summary.json").read_text())
-    summary["collapse"] = {"reason": "eval loss 10.8 >= ln(vocabulary size) 10.8: uniform predictions"}
-    summary["metrics"] = {"eval_loss": 10.8}
-    (root / "runs" / "b__seed4" / "summary.json").write_text(json.dumps(summary))
+    collapse = Collapse("eval loss 10.8 >= ln(vocabulary size) 10.8: uniform predictions", 10.8, 10.8)
+    base = _paired_sweep(root, extra_runs=[("b__seed4", "b", 1, 4, {"status": "collapsed", "loss": 10.8,
+                                                                    "collapse": collapse,
+                                                                    "metrics": {"eval_loss": 10.8}})])
     # a folder of an older version of the sweep file, and a NaN that must never reach a table
     _write_run(root, "b__seed1__old", "b", 1, 1, loss=9.0)
+    # write_summary never writes a NaN: this file is one a non-strict writer left (Python's json writes NaN)
     nan_run = json.loads((root / "runs" / "a__seed1" / "summary.json").read_text())
     nan_run["metrics"]["train_loss"] = float("nan")
     (root / "runs" / "a__seed1" / "summary.json").write_text(json.dumps(nan_run))

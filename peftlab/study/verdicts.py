@@ -15,7 +15,7 @@ from peftlab.study.render import Block
 from peftlab.study.stats import ALPHA, POWER, Comparison, GroupStats
 
 if TYPE_CHECKING:
-    from peftlab.study.report import Analysis, RunRecord
+    from peftlab.study.analysis import Analysis, RunRecord
 
 COLUMNS = ["metric", "a", "b", "test", "n_pairs", "n_a", "n_b", "mean_diff", "ci_low", "ci_high", "p_value",
            "p_adjusted", "a_wins", "b_wins", "ties", "verdict", "sd_diff", "min_detectable_diff", "seeds_to_detect"]
@@ -129,7 +129,7 @@ def reference_lines(a: "Analysis") -> list[str]:
     reference: RunRecord | None = a.reference
     if reference is None:
         return []
-    base = ((reference.summary or {}).get("metrics") or {}).get(a.quality)
+    base = reference.summary.metrics.get(a.quality) if reference.summary else None
     if not isinstance(base, (int, float)):
         return []
     higher = a.higher_is_better
