@@ -1,5 +1,8 @@
 """Run configuration: nested typed dataclasses, loaded from YAML, strictly checked.
 
+Long because everything a config may hold is defined here, once: the four sections with their
+checks, which method reads which field, and the strict YAML/--set loader that builds them.
+
 Unknown keys fail with the closest valid key suggested; wrong types and
 impossible values fail in ``__post_init__`` with one clear line (UserError),
 before any model is loaded. The resolved config is saved with every run.

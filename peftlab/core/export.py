@@ -1,5 +1,8 @@
 r"""LoRA adapters in Hugging Face peft's format, in and out, and merged-weight export.
 
+Long because the format is one concept both ways: export and import share its key layout and
+must stay each other's inverse (tests/test_export.py round-trips them), so they are read side by side.
+
 The peft format facts this module relies on were read from peft 0.21's source:
 
 - ``adapter_model.safetensors`` keys are ``base_model.model.<module>.lora_A.weight`` [r, in],

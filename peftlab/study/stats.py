@@ -1,5 +1,8 @@
 """Statistics across seeds: means and intervals, paired comparisons with verdicts, baselines, Pareto fronts.
 
+Long because the numbers behind a verdict (the paired test, Holm, the detectable difference,
+the groups and their Pareto front) are read together; the t distribution lives in distribution.py.
+
 Runs of two strategies that share a seed share their data order, their initialisation seed and the
 eval set, so strategies are compared as pairs by seed (paired Student t on the per-seed differences,
 wins per seed, Holm's adjustment across the pairs of one metric); an unpaired Welch test is used only
