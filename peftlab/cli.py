@@ -10,11 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from peftlab import sweep_cli
 from peftlab.config import MethodConfig, RankConfig, load_config
 from peftlab.errors import UserError
+
+if TYPE_CHECKING:
+    from peftlab.run.summary import RunSummary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,30 +69,31 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_experiment(config, out, resume=args.resume)
     print(format_summary_table(summary))
     print(f"\nresults in {out}/ (summary.json, metrics.jsonl, train.log)")
-    return 0 if summary["status"] == "completed" else 1
+    return 0 if summary.status == "completed" else 1
 
 
-def format_summary_table(summary: dict) -> str:
+def format_summary_table(summary: RunSummary) -> str:
     """A small results table for the terminal."""
-    metrics, params, resources = summary["metrics"], summary["params"], summary["resources"]
-    rows = [("status", summary["status"])]
-    if summary.get("divergence"):
-        d = summary["divergence"]
-        rows.append(("diverged", f"step {d['step']}: {d['reason']} ({', '.join(d['parameters'][:3]) or 'no parameter named'})"))
+    rows = [("status", summary.status)]
+    if summary.divergence is not None:
+        d = summary.divergence
+        rows.append(("diverged", f"step {d.step}: {d.reason} ({', '.join(d.parameters[:3]) or 'no parameter named'})"))
     for key in ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_loss"):
-        if key in metrics:
-            rows.append((key, f"{metrics[key]:.4f}"))
-    rows += [
-        ("trainable params", f"{params['trainable']:,} of {params['total']:,} ({params['percent']:.3f}%)"),
-        ("train time", f"{resources['train_seconds']:.1f} s over {resources['steps']} steps"),
-        ("tokens/s", f"{resources['tokens_per_s']:.0f} (non-padding)"),
-        ("peak memory", f"{resources['peak_memory_mb']:.0f} MiB ({resources['memory_kind']})"),
-        ("saved", f"{resources['adapter_bytes'] / 2**20:.2f} MiB"),
-    ]
+        if key in summary.metrics:
+            rows.append((key, f"{summary.metrics[key]:.4f}"))
+    params, resources = summary.params, summary.resources
+    if params is not None:
+        rows.append(("trainable params", f"{params.trainable:,} of {params.total:,} ({params.percent:.3f}%)"))
+    if resources is not None:
+        rows += [
+            ("train time", f"{resources.train_seconds:.1f} s over {resources.steps} steps"),
+            ("tokens/s", f"{resources.tokens_per_s:.0f} (non-padding)"),
+            ("peak memory", f"{resources.peak_memory_mb:.0f} MiB ({resources.memory_kind})"),
+            ("saved", f"{resources.adapter_bytes / 2**20:.2f} MiB"),
+        ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    for warning in summary.get("warnings", []):
-        lines.append(f"warning: {warning}")
+    lines += [f"warning: {message}" for message in summary.warning_messages()]
     return "\n".join(lines)
 
 

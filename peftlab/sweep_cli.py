@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -39,9 +40,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summaries = run_sweep(spec, out, executor=args.executor, address=args.ray_address, resume=args.resume)
     paths = make_report(out)
-    counts: dict[str, int] = {}
-    for summary in summaries:
-        counts[summary["status"]] = counts.get(summary["status"], 0) + 1
+    counts = Counter(summary.status for summary in summaries)
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     _print_paths(paths)
     return 1 if counts.get("failed") else 0

@@ -16,6 +16,7 @@ from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.core.params import count_params
 from peftlab.run.resources import data_sha256
 from peftlab.run.experiment import COLLAPSE_MARGIN, check_collapse, evaluate_reference, run_experiment
+from peftlab.run.summary import RunSummary
 from peftlab.run.tracking import MetricsLog, finite_only
 from peftlab.run.train import eval_batches
 
@@ -75,7 +76,7 @@ def test_nan_after_the_last_step_ends_diverged_not_completed(tmp_path, tiny_llam
     out = tmp_path / "run"
     returned = run_experiment(_llama_config(tmp_path, tiny_llama_dir), out, echo=False, on_step=poison_after_last_step)
     summary, records = _strict_files(out)
-    assert summary == returned
+    assert RunSummary.from_json(summary) == returned
     assert summary["status"] == "diverged"
     assert summary["divergence"] == {"step": STEPS, "reason": "non-finite eval loss (nan)", "parameters": []}
     assert "eval_loss" not in summary["metrics"] and "perplexity" not in summary["metrics"]
@@ -115,24 +116,24 @@ def test_uniform_predictions_end_collapsed_and_export_nothing(tmp_path, tiny_lla
     _assert_nothing_exported(out, summary)
     assert not (out / "checkpoint.safetensors").exists()  # training ran to its end
     again = run_experiment(_llama_config(tmp_path, tiny_llama_dir), out, echo=False, resume=True)
-    assert again == summary  # a finished run is returned on --resume, not retrained
+    assert again.to_json() == summary  # a finished run is returned on --resume, not retrained
 
 
 def test_a_run_far_worse_than_the_reference_is_collapsed(tmp_path, tiny_llama_dir):
     config = _llama_config(tmp_path, tiny_llama_dir)
     healthy = run_experiment(config, tmp_path / "healthy", echo=False)
-    loss = healthy["metrics"]["eval_loss"]
+    loss = healthy.metrics["eval_loss"]
     worse = run_experiment(config, tmp_path / "worse", echo=False, reference_eval_loss=loss - 1.5)
-    assert worse["status"] == "collapsed"
-    assert worse["collapse"]["threshold"] == pytest.approx(loss - 1.5 + COLLAPSE_MARGIN)
-    assert worse["metrics"]["eval_loss"] == loss
+    assert worse.status == "collapsed"
+    assert worse.collapse.threshold == pytest.approx(loss - 1.5 + COLLAPSE_MARGIN)
+    assert worse.metrics["eval_loss"] == loss
     _assert_nothing_exported(tmp_path / "worse", _strict((tmp_path / "worse" / "summary.json").read_text()))
     within = run_experiment(config, tmp_path / "within", echo=False, reference_eval_loss=loss - 0.5)
-    assert within["status"] == "completed" and "collapse" not in within
+    assert within.status == "completed" and within.collapse is None
 
 
 def test_collapse_rule():
-    assert check_collapse("instruction", math.log(100), 100)["threshold"] == pytest.approx(math.log(100))
+    assert check_collapse("instruction", math.log(100), 100).threshold == pytest.approx(math.log(100))
     assert check_collapse("causal_lm", 9.0, 100) is not None
     assert check_collapse("instruction", 3.0, 100) is None
     assert check_collapse("instruction", 3.0, 100, reference_eval_loss=1.9) is not None
@@ -162,10 +163,10 @@ def test_non_finite_values_are_left_out_of_what_is_written(tmp_path):
 
 
 def test_environment_records_commit_versions_and_hashes(tmp_path, tiny_llama_dir):
-    first = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "a", echo=False)["environment"]
-    second = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "b", echo=False)["environment"]
+    first = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "a", echo=False).environment
+    second = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "b", echo=False).environment
     other_split = run_experiment(_llama_config(tmp_path, tiny_llama_dir, "data.seed=7"), tmp_path / "c",
-                                 echo=False)["environment"]
+                                 echo=False).environment
     assert len(first["model_sha256"]) == 64 and len(first["data_sha256"]) == 64
     assert first["model_sha256"] == second["model_sha256"] == other_split["model_sha256"]
     assert first["data_sha256"] == second["data_sha256"] != other_split["data_sha256"]
@@ -189,10 +190,11 @@ def test_load_average_and_cpu_count_are_recorded(tmp_path, tiny_llama_dir, monke
     import os
 
     summary = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "a", echo=False)
-    assert summary["resources"]["load_avg_max"] >= 0.0 and summary["resources"]["cpu_count"] == os.cpu_count()
+    assert summary.resources.load_avg_max >= 0.0 and summary.resources.cpu_count == os.cpu_count()
     monkeypatch.delattr(os, "getloadavg")  # as on Windows
     summary = run_experiment(_llama_config(tmp_path, tiny_llama_dir), tmp_path / "b", echo=False)
-    assert "load_avg_max" not in summary["resources"] and summary["resources"]["cpu_count"] == os.cpu_count()
+    assert summary.resources.load_avg_max is None and summary.resources.cpu_count == os.cpu_count()
+    assert "load_avg_max" not in json.loads((tmp_path / "b" / "summary.json").read_text())["resources"]
 
 
 # --- the reference: the untrained base model ---------------------------------------------------
@@ -201,9 +203,9 @@ def test_load_average_and_cpu_count_are_recorded(tmp_path, tiny_llama_dir, monke
 def test_reference_is_the_untrained_model_evaluated(tmp_path, tiny_llama_dir):
     config = _llama_config(tmp_path, tiny_llama_dir)
     out = tmp_path / "reference"
-    summary = evaluate_reference(config, out, echo=False)
-    written, records = _strict_files(out)
-    assert written == summary
+    returned = evaluate_reference(config, out, echo=False)
+    summary, records = _strict_files(out)
+    assert RunSummary.from_json(summary) == returned
     assert summary["status"] == "completed" and summary["role"] == "reference" and summary["method"] == "none"
     tokenizer = load_tokenizer(config.model)
     data = load_task_data(config.data, config.task, tokenizer)
@@ -218,7 +220,7 @@ def test_reference_is_the_untrained_model_evaluated(tmp_path, tiny_llama_dir):
     assert records == [{"step": 0, "eval_loss": expected.loss, "eval_units": expected.units,
                         "perplexity": pytest.approx(math.exp(expected.loss))}]
     assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
-    assert evaluate_reference(config, out, echo=False) == summary  # done once; a resumed sweep reuses it
+    assert evaluate_reference(config, out, echo=False) == returned  # done once; a resumed sweep reuses it
 
 
 def test_a_reference_that_stops_on_a_mistake_writes_nothing_and_holds_its_folder(tmp_path, tiny_llama_dir,
@@ -239,7 +241,7 @@ def test_a_reference_that_stops_on_a_mistake_writes_nothing_and_holds_its_folder
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "evaluate_on", evaluate_while_locked)
-    assert evaluate_reference(_llama_config(tmp_path, tiny_llama_dir), out, echo=False)["status"] == "completed"
+    assert evaluate_reference(_llama_config(tmp_path, tiny_llama_dir), out, echo=False).status == "completed"
 
 
 @pytest.mark.parametrize("task", ["instruction", "classification"])
@@ -259,5 +261,5 @@ def test_a_lora_run_at_step_zero_matches_the_reference(tmp_path, tiny_llama_dir,
 
     monkeypatch.setattr(run_module, "train", evaluate_first)
     run_experiment(config, tmp_path / "lora", echo=False)
-    assert at_step_zero["loss"] == pytest.approx(reference["metrics"]["eval_loss"], rel=1e-6)
+    assert at_step_zero["loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-6)
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from peftlab.cli import main
+from peftlab.run.summary import DATA, SMALL_EVAL, read_summary
 
 
 def _alpaca(path, n=24):
@@ -93,10 +94,11 @@ def test_data_warnings_reach_the_log_and_the_summary(tmp_path, tiny_bert_dir, ca
     args = ["run", str(config), "--out", str(out), "--set", "data.split_mode=contiguous",
             "--set", f"data.train_size={len(path.read_text().splitlines()) - 2 - 5}", "--set", "data.eval_size=6"]
     assert _run(args, capsys)[0] == 0
-    warnings = json.loads((out / "summary.json").read_text())["warnings"]
-    (warning,) = [w for w in warnings if "meh" in w]
-    assert warning.startswith("1 of 6 eval examples have a label that no training")
-    assert warning in (out / "train.log").read_text()
+    warnings = read_summary(out / "summary.json").warnings
+    (warning,) = [w for w in warnings if "meh" in w.message]
+    assert warning.kind == DATA and warning.message.startswith("1 of 6 eval examples have a label that no training")
+    assert warning.message in (out / "train.log").read_text()
+    assert [w.kind for w in warnings if w.kind != DATA] == [SMALL_EVAL]  # 6 eval examples: too few to separate
 
 
 @pytest.mark.parametrize("method", [{"name": "adapter", "bottleneck": 8}, {"name": "partial", "last_n": 1},
@@ -176,7 +178,7 @@ def test_cached_base_model_gives_the_same_result_as_loading_from_disk(tmp_path, 
     cache = BaseModelCache()
     first = run_experiment(config, tmp_path / "cached1", echo=False, model_cache=cache)
     second = run_experiment(config, tmp_path / "cached2", echo=False, model_cache=cache)
-    assert direct["metrics"]["eval_loss"] == first["metrics"]["eval_loss"] == second["metrics"]["eval_loss"]
+    assert direct.metrics["eval_loss"] == first.metrics["eval_loss"] == second.metrics["eval_loss"]
 
 
 # --- a mistake never costs the folder; a resumed log holds each step once; one process per folder ---
@@ -270,9 +272,9 @@ def test_resume_after_a_divergence_without_checkpoint_logs_each_step_once(tmp_pa
 
     monkeypatch.setattr(run_module, "train", spy)
     out = tmp_path / "run"
-    assert run_experiment(config, out, echo=False, on_step=poison)["status"] == "diverged"
+    assert run_experiment(config, out, echo=False, on_step=poison).status == "diverged"
     assert _steps(out, "train_loss") == [1]
-    assert run_experiment(config, out, echo=False, resume=True)["status"] == "completed"
+    assert run_experiment(config, out, echo=False, resume=True).status == "completed"
     assert _steps(out, "train_loss") == [1, 2, 3] and _steps(out, "eval_loss") == [3]
 
 
@@ -284,21 +286,21 @@ def test_a_kill_between_the_final_eval_and_the_summary_does_not_log_that_eval_tw
 
     config = load_config(_config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl")),
                          ["train.num_samples=0", "train.save_every=1", "train.eval_every=2"])
-    real_write = run_module._write_json_atomic
+    real_write = run_module.write_summary
 
-    def killed_at_summary(path, payload):
+    def killed_at_summary(path, summary):
         if path.name == "summary.json":
             raise _Killed
-        return real_write(path, payload)
+        return real_write(path, summary)
 
-    monkeypatch.setattr(run_module, "_write_json_atomic", killed_at_summary)
+    monkeypatch.setattr(run_module, "write_summary", killed_at_summary)
     out = tmp_path / "run"
     with pytest.raises(_Killed):
         run_experiment(config, out, echo=False)
     assert _steps(out, "eval_loss") == [2, 3] and (out / "checkpoint.safetensors").exists()
-    monkeypatch.setattr(run_module, "_write_json_atomic", real_write)
+    monkeypatch.setattr(run_module, "write_summary", real_write)
     summary = run_experiment(config, out, echo=False, resume=True)
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
     assert _steps(out, "train_loss") == [1, 2, 3] and _steps(out, "eval_loss") == [2, 3]
 
 

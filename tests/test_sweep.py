@@ -12,10 +12,13 @@ import yaml
 from peftlab.study import executors
 from peftlab.config import config_to_dict
 from peftlab.errors import UserError
+from peftlab.run.summary import DataInfo, Divergence, read_summary, write_summary
 from peftlab.study.report import make_report
 from peftlab.study.sweep import expand as expand_all
 from peftlab.study.sweep import load_sweep, parse_sweep, plan, trial_id, trial_status
 from peftlab.sweep_cli import add_commands
+
+from summaries import make_summary, params, resources
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SWEEP_EXAMPLES = ["selective_placement", "adaptive_ranks", "methods_classification", "lora_vs_full"]
@@ -161,7 +164,7 @@ def _write_run(trial, status=None, checkpoint=False, extra=True):
     if extra:
         (trial.out_dir / "metrics.jsonl").write_text('{"step": 1, "train_loss": 1.0}\n')
     if status:
-        (trial.out_dir / "summary.json").write_text(json.dumps({"status": status}))
+        write_summary(trial.out_dir / "summary.json", make_summary(status, name=trial.run_id))
     if checkpoint:
         (trial.out_dir / "checkpoint.safetensors").write_bytes(b"x")
 
@@ -217,25 +220,21 @@ class FakeRunner:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
         diverged = out_dir.name.startswith("diverge")
         loss = 1.0 + config.train.seed / 100
-        summary = {"status": "diverged" if diverged else "completed", "name": out_dir.name, "task": config.task,
-                   "metrics": {} if diverged else {"eval_loss": loss, "perplexity": 2.718 ** loss, "train_loss": loss},
-                   "params": {"trainable": 10, "total": 100, "percent": 10.0},
-                   "resources": {"train_seconds": 1.0, "peak_memory_mb": 5.0, "memory_kind": "peak_rss"},
-                   "divergence": {"step": 2, "reason": "non-finite training loss (nan)", "parameters": ["w"]}
-                   if diverged else None, "data": {"eval_examples": 6}, "placement": [], "warnings": []}
-        (out_dir / "summary.json").write_text(json.dumps(summary))
-        return summary
+        summary = make_summary(
+            "diverged" if diverged else "completed", name=out_dir.name, task=config.task,
+            metrics={} if diverged else {"eval_loss": loss, "perplexity": 2.718 ** loss, "train_loss": loss},
+            divergence=Divergence(2, "non-finite training loss (nan)", ["w"]) if diverged else None)
+        return write_summary(out_dir / "summary.json", summary)
 
 
 def fake_reference(config, out_dir, *, echo=True, model_cache=None):
     """Writes what evaluate_reference writes: the untrained model's eval, method none."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"status": "completed", "name": out_dir.name, "task": config.task, "method": "none",
-               "metrics": {"eval_loss": 3.0}, "params": {"trainable": 0, "total": 100, "percent": 0.0},
-               "resources": {}, "data": {"eval_examples": 6}, "placement": [], "warnings": []}
-    (out_dir / "summary.json").write_text(json.dumps(summary))
-    return summary
+    summary = make_summary(name=out_dir.name, task=config.task, method="none", role="reference",
+                           metrics={"eval_loss": 3.0}, params=params(0, 100), resources=resources(steps=0, total_steps=0),
+                           data=DataInfo(100, 6))
+    return write_summary(out_dir / "summary.json", summary)
 
 
 @pytest.fixture(autouse=True)
@@ -250,10 +249,12 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, m
     monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
     spec = _spec(strategies={"fail": {"train.lr": 1e-3}, "diverge": {"train.lr": 2e-3}, "ok": {}}, seeds=[1])
     summaries = executors.run_sweep(spec, tmp_path, progress=lambda _: None)
-    assert [s["status"] for s in summaries] == ["failed", "diverged", "completed"]
+    assert [s.status for s in summaries] == ["failed", "diverged", "completed"]
     assert runner.references == [3.0, 3.0, 3.0]  # every run gets the base model's eval loss for its collapse check
-    failed = json.loads(next((tmp_path / "runs").glob("fail*/summary.json")).read_text())
-    assert failed["error"] == "RuntimeError: CUDA out of memory (pretend)" and failed["sweep"]["strategy"] == "fail"
+    failed = read_summary(next((tmp_path / "runs").glob("fail*/summary.json")))
+    assert failed == summaries[0] and failed.params is None and failed.artifacts is None
+    assert failed.error == "RuntimeError: CUDA out of memory (pretend)" and failed.sweep["strategy"] == "fail"
+    assert "Traceback" in failed.traceback
     # resume: the failed run is retried, the diverged and completed ones are not
     runner.calls.clear()
     executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
@@ -368,7 +369,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, monke
     runner.calls.clear()
     runner.interrupt_at = None
     summaries = executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
-    assert runner.calls == ids[1:] and [s["status"] for s in summaries] == ["completed"] * 3
+    assert runner.calls == ids[1:] and [s.status for s in summaries] == ["completed"] * 3
     assert (first.stat().st_mtime_ns, first.read_text()) == before
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
 

@@ -17,9 +17,10 @@ from typing import Any
 
 from peftlab.diskio import read_json_object
 from peftlab.errors import UserError
+from peftlab.run.folder import TRIAL_FILE
 from peftlab.run.summary import SUMMARY_FILE, DamagedSummary, RunSummary, load_summary
 from peftlab.study.stats import Comparison, GroupStats, aggregate, compare_all, group_label, mark_pareto
-from peftlab.study.sweep import REFERENCE, SWEEP_FILE, TRIAL_FILE
+from peftlab.study.sweep import REFERENCE, SWEEP_FILE
 
 # Quality metrics compared pairwise, per task. Perplexity is exp(eval_loss): its verdicts are eval_loss's.
 QUALITY_METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),

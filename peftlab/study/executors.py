@@ -13,9 +13,9 @@ shared mount at the same path); the report is then built from that folder as for
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
-import json
 import sys
 import time
 import traceback
@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from peftlab.config import config_to_dict
-from peftlab.diskio import read_json_object
 from peftlab.errors import UserError
 from peftlab.locking import folder_lock
+from peftlab.run.folder import TRIAL_FILE
 from peftlab.run.stopping import GracefulStop
-from peftlab.study.sweep import TRIAL_FILE, SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
+from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary, write_summary
+from peftlab.study.sweep import SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
 
 Progress = Callable[[str], None]
 _CACHE: Any = None  # one base-model cache per process: the local process, or each Ray worker
@@ -47,13 +48,13 @@ def process_model_cache() -> Any:
     return _CACHE
 
 
-def _run_experiment() -> Callable[..., dict[str, Any]]:
+def _run_experiment() -> Callable[..., RunSummary]:
     from peftlab.run.experiment import run_experiment  # imported late: torch and transformers load only when a trial runs
 
     return run_experiment
 
 
-def _run_reference() -> Callable[..., dict[str, Any]]:
+def _run_reference() -> Callable[..., RunSummary]:
     from peftlab.run.experiment import evaluate_reference
 
     return evaluate_reference
@@ -63,12 +64,17 @@ def reference_eval_loss(trial: Trial) -> float | None:
     """The untrained base model's eval loss on this trial's eval set, once its reference trial has completed."""
     if trial.reference is None:
         return None
-    summary = read_json_object(trial.out_dir.parent / trial.reference / "summary.json") or {}
-    loss = (summary.get("metrics") or {}).get("eval_loss")
-    return float(loss) if summary.get("status") == "completed" and isinstance(loss, (int, float)) else None
+    try:
+        summary = read_summary(trial.out_dir.parent / trial.reference / SUMMARY_FILE)
+    except UserError:  # damaged: no collapse check against it (a resumed sweep evaluates the base model again)
+        return None
+    if summary is None or summary.status != "completed":
+        return None
+    loss = summary.metrics.get("eval_loss")
+    return float(loss) if isinstance(loss, (int, float)) else None
 
 
-def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> dict[str, Any]:
+def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> RunSummary:
     """Run one trial into its folder and return its summary; failures are recorded, not raised."""
     write_json_atomic(trial.out_dir / TRIAL_FILE, trial.info())
     extra: dict[str, Any] = {"model_cache": model_cache} if model_cache is not None else {}
@@ -87,24 +93,23 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> di
     finally:
         gc.collect()
         _empty_cuda_cache()
-    summary["sweep"] = trial.info()
-    write_json_atomic(trial.out_dir / "summary.json", summary)
-    return summary
+    return _record(trial, summary)
 
 
-def _failed_summary(trial: Trial, error: Exception, started: float) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "name": trial.run_id,
-        "error": f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",  # one line; full text below
-        "traceback": traceback.format_exc(),
-        "model": trial.config.model, "task": trial.config.task, "method": trial.config.method.name,
-        "metrics": {}, "params": {}, "resources": {}, "divergence": None, "data": {}, "placement": [],
-        "warnings": [], "environment": {},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "wall_seconds": time.time() - started,
-        "config": config_to_dict(trial.config),
-    }
+def _record(trial: Trial, summary: RunSummary) -> RunSummary:
+    """Write the trial's summary with its sweep info (what the report groups it by); return it as written."""
+    return write_summary(trial.out_dir / SUMMARY_FILE, dataclasses.replace(summary, sweep=trial.info()))
+
+
+def _failed_summary(trial: Trial, error: BaseException, started: float) -> RunSummary:
+    """A failed trial's summary: no measurements, the error in one line and in full."""
+    return RunSummary(
+        status="failed", name=trial.run_id, model=trial.config.model, task=trial.config.task,
+        method=trial.config.method.name,
+        error=f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",  # one line; full text below
+        traceback=traceback.format_exc(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), wall_seconds=time.time() - started,
+        config=config_to_dict(trial.config))
 
 
 def _empty_cuda_cache() -> None:
@@ -114,17 +119,16 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def status_line(summary: dict[str, Any]) -> str:
+def status_line(summary: RunSummary) -> str:
     """One line per finished trial for the terminal."""
-    status = summary["status"]
+    status = summary.status
     if status == "failed":
-        return f"failed: {summary.get('error', '')}"
-    if status == "diverged":
-        divergence = summary.get("divergence") or {}
-        return f"diverged at step {divergence.get('step')}: {divergence.get('reason')}"
-    if status == "collapsed":
-        return f"collapsed: {(summary.get('collapse') or {}).get('reason')}"
-    metrics = summary.get("metrics", {})
+        return f"failed: {summary.error or ''}"
+    if status == "diverged" and summary.divergence is not None:
+        return f"diverged at step {summary.divergence.step}: {summary.divergence.reason}"
+    if status == "collapsed" and summary.collapse is not None:
+        return f"collapsed: {summary.collapse.reason}"
+    metrics = summary.metrics
     shown = [f"{k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics]
     return f"{status} " + " ".join(shown)
 
@@ -136,7 +140,7 @@ def _say(text: str) -> None:
 # --- local -------------------------------------------------------------------------------------
 
 
-def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
     """Trials one after another in this process, sharing one base-model cache."""
     cache = process_model_cache()
     summaries = []
@@ -163,16 +167,16 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_trial(trial: Trial, echo: bool) -> dict[str, Any]:
+def _ray_trial(trial: Trial, echo: bool) -> RunSummary | UserError:
     """The Ray task body: a UserError comes back as a value, so the driver can print it as one line."""
     try:
         return run_trial(trial, echo=echo, model_cache=process_model_cache())
     except UserError as error:
-        return {"status": "user_error", "error": str(error)}
+        return UserError(str(error))
 
 
 def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo: bool = True,
-            progress: Progress = _say) -> list[dict[str, Any]]:
+            progress: Progress = _say) -> list[RunSummary]:
     """Trials as Ray tasks on a local instance (2 CPUs) or the cluster at ``address``."""
     ray = _import_ray()
     started_here = not ray.is_initialized()
@@ -187,18 +191,16 @@ def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo:
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_ray_trial)
         refs = {task.remote(trial, echo): trial for trial, _ in todo}
         pending = list(refs)
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, RunSummary] = {}
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             trial = refs[done[0]]
             try:
                 summary = ray.get(done[0])
             except ray.exceptions.RayError as error:  # the worker died (e.g. killed for memory): record it
-                summary = _failed_summary(trial, error, time.time())
-                summary["sweep"] = trial.info()
-                write_json_atomic(trial.out_dir / "summary.json", summary)
-            if summary["status"] == "user_error":
-                raise UserError(summary["error"])
+                summary = _record(trial, _failed_summary(trial, error, time.time()))
+            if isinstance(summary, UserError):
+                raise UserError(str(summary))
             results[trial.run_id] = summary
             progress(f"[{len(results)}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
         return [results[trial.run_id] for trial, _ in todo]
@@ -210,7 +212,7 @@ def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo:
 
 
 def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address: str | None = None,
-            echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+            echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
     if executor == "local":
         if address:
             raise UserError("--ray-address needs --executor ray")
@@ -221,7 +223,7 @@ def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", address: str | None = None,
-              resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[dict[str, Any]]:
+              resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
     """Expand, check the folder (resume rules in sweep.plan), run what is left; return every run's summary.
 
     The base-model reference trials run first and are not among the returned summaries.
@@ -236,7 +238,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", addr
 
 
 def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor: str, address: str | None,
-                      resume: bool, echo: bool, progress: Progress) -> list[dict[str, Any]]:
+                      resume: bool, echo: bool, progress: Progress) -> list[RunSummary]:
     todo = plan(trials, out, resume=resume)
     write_sweep_file(spec, trials, out)
     runs = [t for t in trials if not t.is_reference]
@@ -245,7 +247,7 @@ def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor:
     progress(f"{spec.name}: {len(runs)} runs ({len(spec.strategies)} strategies x "
              f"{len(runs) // (len(spec.strategies) * len(spec.seeds))} grid points x {len(spec.seeds)} seeds)"
              + _aliases_note(runs) + (f", {done} already done" if done else "") + f", into {out}")
-    fresh: dict[str, dict[str, Any]] = {}
+    fresh: dict[str, RunSummary] = {}
     # The base model first: each run's collapse check reads its eval loss.
     for batch in ([item for item in todo if item[0].is_reference], [item for item in todo if not item[0].is_reference]):
         if batch:
@@ -262,6 +264,11 @@ def _aliases_note(runs: list[Trial]) -> str:
     return f" (identical configs trained once and reported under each name: {named})"
 
 
-def _read_summary(trial: Trial) -> dict[str, Any]:
-    return json.loads((trial.out_dir.parent / (trial.alias_of or trial.run_id) / "summary.json").read_text())
+def _read_summary(trial: Trial) -> RunSummary:
+    """A run this sweep did not run now: sweep.plan found it finished, so its summary is there."""
+    path = trial.out_dir.parent / (trial.alias_of or trial.run_id) / SUMMARY_FILE
+    summary = read_summary(path)
+    if summary is None:
+        raise UserError(f"{path} disappeared while the sweep ran; rerun with --resume")
+    return summary
 

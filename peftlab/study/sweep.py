@@ -51,7 +51,6 @@ from peftlab.study.stats import group_label
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
 DONE_STATUSES = ("completed", "diverged", "collapsed")  # results: rerunning would end the same way
 SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the resolved sweep, read back by `peftlab report`
-TRIAL_FILE = "sweep_run.json"  # DIR/runs/<id>/sweep_run.json: which strategy, grid values and seed
 _PATH_KEYS = ("model", "data.source", "method.ranks.file")
 
 
