@@ -232,8 +232,8 @@ def fake_reference(config, out_dir, *, echo=True, model_cache=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = make_summary(name=out_dir.name, task=config.task, method="none", role="reference",
-                           metrics={"eval_loss": 3.0}, params=params(0, 100), resources=resources(steps=0, total_steps=0),
-                           data=DataInfo(100, 6))
+                           metrics={"eval_loss": 3.0}, params=params(0, 100),
+                           resources=resources(steps=0, total_steps=0), data=DataInfo(100, 6))
     return write_summary(out_dir / "summary.json", summary)
 
 
