@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_neox, tiny_phi3
 from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
 
-from peftlab.errors import UserError
 from peftlab.core.modelmap import ModelMap, build_model_map
-from peftlab.core.placement import Target, describe_matches, format_placement_map, parse_layers, select_targets
+from peftlab.core.placement import Target, describe_matches, parse_layers, select_targets
+from peftlab.core.placement_map import format_placement_map
+from peftlab.errors import UserError
 
 _MAPS: dict[str, ModelMap] = {}
 

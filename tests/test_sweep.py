@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from summaries import make_summary, params, resources
 
-from peftlab.study import executors
+from peftlab.cli import add_sweep_commands
 from peftlab.config import config_to_dict
 from peftlab.errors import UserError
 from peftlab.run.summary import DataInfo, Divergence, read_summary, write_summary
+from peftlab.study import executors
 from peftlab.study.report import make_report
+from peftlab.study.resume import plan, trial_status
 from peftlab.study.sweep import expand as expand_all
-from peftlab.study.sweep import load_sweep, parse_sweep, plan, trial_id, trial_status
-from peftlab.sweep_cli import add_commands
-
-from summaries import make_summary, params, resources
+from peftlab.study.sweep import load_sweep, parse_sweep, trial_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SWEEP_EXAMPLES = ["selective_placement", "adaptive_ranks", "methods_classification", "lora_vs_full"]
@@ -286,7 +286,8 @@ def test_identical_configs_are_trained_once_and_reported_under_each_name(tmp_pat
     runner = FakeRunner()
     monkeypatch.setattr(executors, "_run_experiment", lambda: runner)
     spec = _spec(strategies={"attn": {"method.placement": "attention_only"},
-                             "attn_again": {"method": {"placement": "attention_only"}}, "mlp": {"method.placement": "mlp_only"}},
+                             "attn_again": {"method": {"placement": "attention_only"}},
+                             "mlp": {"method.placement": "mlp_only"}},
                  seeds=[1, 2])
     trials = expand(spec, tmp_path)
     assert [t.alias_of for t in trials[2:4]] == [t.run_id for t in trials[:2]] and trials[4].alias_of is None
@@ -419,7 +420,7 @@ def _tiny_sweep(tmp_path, model_dir, strategies=None, seeds=(0,)):
 def _cli(argv):
     """The sweep/report commands as cli.main runs them (until cli.py registers them)."""
     parser = argparse.ArgumentParser(prog="peftlab")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_sweep_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -436,6 +437,7 @@ def _metric_columns(directory):
     return [{k: row[k] for k in keep} for row in rows]
 
 
+@pytest.mark.slow
 def test_two_run_sweep_end_to_end_local(tmp_path, tiny_llama_dir):
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
     out = tmp_path / "local"
@@ -449,6 +451,7 @@ def test_two_run_sweep_end_to_end_local(tmp_path, tiny_llama_dir):
     assert _cli(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0  # nothing left: report only
 
 
+@pytest.mark.slow
 def test_local_and_ray_executors_give_the_same_results(tmp_path, tiny_llama_dir):
     pytest.importorskip("ray")
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
@@ -505,6 +508,7 @@ def test_diverged_run_is_reported_and_excluded_end_to_end(tmp_path, tiny_llama_d
     assert "is diverged and is excluded from every mean" in report and "non-finite" in report
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume(tmp_path, tiny_llama_dir):
     """A real kill -9 of `peftlab sweep` while run 2 trains: --resume keeps run 1, continues run 2."""
     import signal

@@ -14,8 +14,8 @@ from torch import nn
 from peftlab.config import MethodConfig
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.modelmap import ModelMap, build_model_map
+from peftlab.core.placement_map import format_placement_map
 from peftlab.inputs.models import load_model_skeleton
-from peftlab.core.placement import format_placement_map
 
 
 @dataclass

@@ -28,7 +28,8 @@ from peftlab.locking import folder_lock
 from peftlab.run.folder import TRIAL_FILE
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary, write_summary
-from peftlab.study.sweep import SweepSpec, Trial, expand, plan, write_json_atomic, write_sweep_file
+from peftlab.study.resume import plan
+from peftlab.study.sweep import SweepSpec, Trial, expand, write_json_atomic, write_sweep_file
 
 Progress = Callable[[str], None]
 _CACHE: Any = None  # one base-model cache per process: the local process, or each Ray worker
@@ -49,7 +50,9 @@ def process_model_cache() -> Any:
 
 
 def _run_experiment() -> Callable[..., RunSummary]:
-    from peftlab.run.experiment import run_experiment  # imported late: torch and transformers load only when a trial runs
+    from peftlab.run.experiment import (
+        run_experiment,  # imported late: torch and transformers load only when a trial runs
+    )
 
     return run_experiment
 
@@ -84,7 +87,7 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> Ru
             summary = _run_reference()(trial.config, trial.out_dir, echo=echo, **extra)
         else:
             extra["reference_eval_loss"] = reference_eval_loss(trial)
-            # resume=True is safe for a fresh folder too: sweep.plan left it empty or with a checkpoint of this config
+            # resume=True is safe for a fresh folder too: resume.plan left it empty or with a checkpoint of this config
             summary = _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra)
     except UserError as error:
         raise UserError(f"run {trial.run_id}: {error}") from None
@@ -224,7 +227,7 @@ def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address:
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", address: str | None = None,
               resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
-    """Expand, check the folder (resume rules in sweep.plan), run what is left; return every run's summary.
+    """Expand, check the folder (resume rules in resume.plan), run what is left; return every run's summary.
 
     The base-model reference trials run first and are not among the returned summaries.
     """
@@ -252,7 +255,7 @@ def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor:
     for batch in ([item for item in todo if item[0].is_reference], [item for item in todo if not item[0].is_reference]):
         if batch:
             fresh.update({t.run_id: s for (t, _), s in zip(batch, execute(batch, executor, address=address,
-                                                                           echo=echo, progress=progress))})
+                                                                           echo=echo, progress=progress), strict=True)})
     return [fresh.get(t.alias_of or t.run_id) or _read_summary(t) for t in runs]
 
 
@@ -265,7 +268,7 @@ def _aliases_note(runs: list[Trial]) -> str:
 
 
 def _read_summary(trial: Trial) -> RunSummary:
-    """A run this sweep did not run now: sweep.plan found it finished, so its summary is there."""
+    """A run this sweep did not run now: resume.plan found it finished, so its summary is there."""
     path = trial.out_dir.parent / (trial.alias_of or trial.run_id) / SUMMARY_FILE
     summary = read_summary(path)
     if summary is None:

@@ -1,5 +1,8 @@
 """Sweeps: a base config plus axes (grid, named strategies, seeds) -> one trial per combination.
 
+Long because a trial's identity is one concept: its id, its resolved config, its alias and its
+reference must be derived together, or a resumed sweep could mix runs made from different configs.
+
 Sweep file (YAML)::
 
     name: selective_placement            # optional; default: the file's stem
@@ -12,9 +15,10 @@ Sweep file (YAML)::
     baseline: all_linear                 # relative changes are against it (default: the first strategy)
 
 Each trial gets a stable id (strategy, grid values, seed and a short hash of everything that makes its
-config in the sweep file: base, strategy overrides, grid values, seed) and lives in ``DIR/runs/<id>/``; editing the sweep file gives
-the changed trials new ids, so a resumed sweep never mixes old and new runs. ``DIR/sweep.json`` lists the
-trials of the current sweep file: the report covers those and no other folder under ``DIR/runs``.
+config in the sweep file: base, strategy overrides, grid values, seed) and lives in ``DIR/runs/<id>/``;
+editing the sweep file gives the changed trials new ids, so a resumed sweep never mixes old and new
+runs. ``DIR/sweep.json`` lists the trials of the current sweep file: the report covers those and no
+other folder under ``DIR/runs``.
 Two strategies whose resolved configs are identical are trained once: the later one is an alias of the
 earlier (``alias_of``) and is reported under both names. Every sweep also evaluates the untrained base
 model once (a reference trial, ``base_model__<hash>``) on the same eval set: the step-0 row of the report,
@@ -22,10 +26,7 @@ and the yardstick for a collapsed run. ``--set`` overrides apply to every trial,
 Relative paths (``base``, ``model``, ``data.source``, ``method.ranks.file``) are read relative to the
 sweep file when such a file exists there, else relative to the current folder, and stored absolute.
 
-Resume: a trial whose summary.json says completed, diverged or collapsed is done (a divergence is a
-result, and deterministic: rerunning it would diverge again; delete its dir to redo it). A trial with a
-checkpoint continues from it; any other partial trial dir (killed before its first checkpoint, or
-failed) is cleared and restarted, so metrics.jsonl never holds two attempts.
+Resume rules (what a trial folder holds, what still runs): ``peftlab.study.resume``.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ import itertools
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.run.checkpoint import has_checkpoint
-from peftlab.config import (METHOD_FIELDS, RunConfig, TrainConfig, apply_overrides, changed_keys, config_to_dict,
-                            did_you_mean, from_dict, load_yaml, unused_field_message, unused_method_fields)
+from peftlab.config import (
+    METHOD_FIELDS,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    config_to_dict,
+    did_you_mean,
+    from_dict,
+    load_yaml,
+    unused_field_message,
+    unused_method_fields,
+)
 from peftlab.diskio import write_atomic
 from peftlab.errors import UserError
 from peftlab.study.stats import group_label
@@ -125,7 +134,8 @@ def parse_sweep(raw: dict[str, Any], *, name: str = "sweep", directory: Path = P
     baseline = raw.get("baseline", next(iter(strategies)))
     if baseline not in strategies:
         raise UserError(_choice(f"baseline {baseline!r} is not a strategy", str(baseline), list(strategies)))
-    return SweepSpec(name=safe_name(str(raw.get("name") or name), "sweep name"), base=base, strategies=strategies, grid=grid,
+    return SweepSpec(name=safe_name(str(raw.get("name") or name), "sweep name"), base=base, strategies=strategies,
+                     grid=grid,
                      seeds=seeds, baseline=baseline, overrides=overrides, directory=directory)
 
 
@@ -228,7 +238,7 @@ def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
     by_config: dict[str, str] = {}
     for index, (strategy, bundle) in enumerate(spec.strategies.items()):
         for combination in itertools.product(*(spec.grid[k] for k in keys)):
-            grid_values = dict(zip(keys, combination))
+            grid_values = dict(zip(keys, combination, strict=True))
             for seed in spec.seeds:
                 # --set is left out of the id: a resume with other --set values is refused by plan()
                 run_id = trial_id(strategy, grid_values, seed, {"strategy": bundle, "base": spec.base})
@@ -371,82 +381,6 @@ def trial_id(strategy: str, grid_values: dict[str, Any], seed: int, bundle: dict
 def _slug(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:40] or "x"
-
-
-# --- resume ------------------------------------------------------------------------------------
-
-
-def trial_status(out_dir: Path) -> str:
-    """new | completed | diverged | failed | checkpoint (resumable) | partial (killed before a checkpoint)."""
-    summary = out_dir / "summary.json"
-    if summary.is_file():
-        status = _summary_status(summary)
-        if status in DONE_STATUSES:
-            return status
-    if has_checkpoint(out_dir):
-        return "checkpoint"
-    if summary.is_file():
-        return "failed"
-    return "partial" if out_dir.exists() and any(out_dir.iterdir()) else "new"
-
-
-def _summary_status(path: Path) -> str:
-    """The status a run's summary.json records; a damaged one (a truncated copy) is a one-line UserError."""
-    try:
-        summary = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is damaged ({(str(error).splitlines() or [''])[0]}); move it away, and "
-                        f"--resume redoes that run from its last checkpoint (or from the start)") from None
-    status = summary.get("status", "failed") if isinstance(summary, dict) else None
-    if not isinstance(status, str):
-        raise UserError(f"{path} is damaged (no status); move it away, and --resume redoes that run")
-    return status
-
-
-def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, bool]]:
-    """Check the sweep dir and return the trials still to run, each with its resume flag.
-
-    Nothing is deleted until every check has passed, so a refused --resume leaves DIR untouched.
-    """
-    trials = [t for t in trials if t.alias_of is None]  # an alias reads its original's folder
-    statuses = {t.run_id: trial_status(t.out_dir) for t in trials}
-    if any(status != "new" for status in statuses.values()) and not resume:
-        raise UserError(f"{out} already holds this sweep's runs; pass --resume to continue it, or choose another --out")
-    for trial in trials:
-        if trial.is_reference and statuses[trial.run_id] != "new" and _config_differs(trial):
-            statuses[trial.run_id] = "failed"  # a base-model evaluation is cheap and deterministic: redo it
-    for trial in trials:  # kept results must come from the same config; restarted ones may change
-        if statuses[trial.run_id] in (*DONE_STATUSES, "checkpoint"):
-            _check_same_config(trial)
-    todo = []
-    for trial in trials:
-        status = statuses[trial.run_id]
-        if status in DONE_STATUSES:
-            continue
-        if status in ("failed", "partial"):
-            shutil.rmtree(trial.out_dir)  # a restart from step 0 must not append to an old metrics.jsonl
-        todo.append((trial, status == "checkpoint"))
-    return todo
-
-
-def _saved_config(trial: Trial) -> dict[str, Any] | None:
-    saved = trial.out_dir / "config.yaml"
-    return config_to_dict(from_dict(RunConfig, load_yaml(saved))) if saved.is_file() else None
-
-
-def _config_differs(trial: Trial) -> bool:
-    old = _saved_config(trial)
-    return old is not None and old != config_to_dict(trial.config)
-
-
-def _check_same_config(trial: Trial) -> None:
-    old, new = _saved_config(trial), config_to_dict(trial.config)
-    if old is None:
-        return
-    if old != new:
-        changed = changed_keys(old, new)
-        raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "
-                        f"{', '.join(changed) or 'structure'}); use another --out for a changed sweep")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
