@@ -1,4 +1,4 @@
-"""Command line: `peftlab run`, `inspect`, `sweep` and `report`. Subcommands map to plain functions.
+"""Command line: `peftlab run`, `inspect`, `sweep` and `report`; argument parsing only.
 
 A user mistake (UserError) prints one line and exits 2; anything else is a bug
 and keeps its traceback.
@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from peftlab import sweep_cli
-from peftlab.config import MethodConfig, RankConfig, load_config
+from peftlab import messages
+from peftlab.config import METHODS, PLACEMENTS, TASKS, MethodConfig, RankConfig, load_config
 from peftlab.errors import UserError
+
+EXECUTORS = ("local", "ray")  # where a sweep's trials run (peftlab.study.executors)
 
 if TYPE_CHECKING:
     from peftlab.run.summary import RunSummary
@@ -24,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with messages.on_stderr():  # what the library logs reaches the user (a run routes its own)
+            return args.handler(args)
     except UserError as error:
         print(f"peftlab: error: {error}", file=sys.stderr)
         return 2
@@ -47,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="print the placement map of a method on a model")
     inspect.add_argument("--model", required=True, help="embedded alias, hub id, or local dir (config.json is enough)")
-    inspect.add_argument("--task", default="instruction", choices=["instruction", "classification", "causal_lm"])
-    inspect.add_argument("--method", default="lora", choices=["lora", "adapter", "partial", "full"])
-    inspect.add_argument("--placement", default="all_linear")
+    inspect.add_argument("--task", default="instruction", choices=TASKS)
+    inspect.add_argument("--method", default="lora", choices=METHODS)
+    inspect.add_argument("--placement", default="all_linear",
+                         help=" | ".join(PLACEMENTS) + " (checked by the config, with a hint)")
     inspect.add_argument("--layers", default="all", help="all | 0-11 | first_half | last_half | every_other | last_N")
     inspect.add_argument("--targets", nargs="+", help="explicit module names, dotted suffixes or re:<regex>")
     inspect.add_argument("--ranks", default="uniform:8",
@@ -57,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                               "| custom:R0,R1,... | custom:FILE.json | budget:PARAMS")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
     inspect.set_defaults(handler=_inspect)
-    sweep_cli.add_commands(commands)
+    add_sweep_commands(commands)
     return parser
 
 
@@ -130,6 +135,59 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_placement(args.model, method, task=args.task)
     print(json.dumps(report.as_json(), indent=2) if args.json else report.as_text())
     return 0
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+
+def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
+    """`peftlab sweep` and `peftlab report`."""
+    sweep = subparsers.add_parser("sweep", help="run a sweep (strategies x grid x seeds) and write its report")
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file: base, strategies, grid, seeds, baseline")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run config key in every run, e.g. model=microsoft/DialoGPT-medium (repeatable)")
+    sweep.add_argument("--out", help="sweep directory (default: runs/<sweep name>)")
+    sweep.add_argument("--executor", choices=EXECUTORS, default="local",
+                       help="local: one run after another in this process; ray: runs as Ray tasks")
+    sweep.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local instance)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep: finished runs are kept, unfinished ones resumed")
+    sweep.set_defaults(handler=sweep_command)
+
+    report = subparsers.add_parser("report", help="rebuild a sweep's tables, figures and report from its run dirs")
+    report.add_argument("directory", metavar="DIR", help="a sweep directory (holding runs/<id>/summary.json)")
+    report.add_argument("--baseline", help="strategy to compare against (default: the sweep's baseline)")
+    report.set_defaults(handler=report_command)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from peftlab.study.executors import run_sweep  # imported here so `peftlab --help` stays fast
+    from peftlab.study.report import make_report
+    from peftlab.study.sweep import load_sweep
+
+    spec = load_sweep(args.sweep_file, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    summaries = run_sweep(spec, out, executor=args.executor, address=args.ray_address, resume=args.resume)
+    paths = make_report(out)
+    counts = Counter(summary.status for summary in summaries)
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    _print_paths(paths)
+    return 1 if counts.get("failed") else 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from peftlab.study.report import make_report
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise UserError(f"sweep directory not found: {directory}")
+    _print_paths(make_report(directory, baseline=args.baseline))
+    return 0
+
+
+def _print_paths(paths: dict[str, Path]) -> None:
+    for key in ("markdown", "html", "summary", "comparisons", "results"):
+        print(f"{key:>11}: {paths[key]}", file=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,22 @@ import math
 import re
 
 import pytest
+from summaries import failed_summary, make_summary, resources
+from summaries import params as params_of
 
+from peftlab.cli import add_sweep_commands
 from peftlab.errors import UserError
-from peftlab.run.summary import (Collapse, DataInfo, Divergence, PlacedModule, data_warnings, small_eval_warning,
-                                 write_summary)
+from peftlab.run.summary import (
+    Collapse,
+    DataInfo,
+    Divergence,
+    PlacedModule,
+    data_warnings,
+    small_eval_warning,
+    write_summary,
+)
 from peftlab.study.analysis import load_runs
 from peftlab.study.report import make_report
-from peftlab.sweep_cli import add_commands
-
-from summaries import failed_summary, make_summary, params as params_of, resources
 
 ENV = {"peftlab": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.23.0", "device": "cpu", "processor": "Test CPU"}
 
@@ -70,10 +77,10 @@ def sweep_dir(tmp_path):
         "name": "placement", "baseline": "full", "grid": {}, "seeds": [1, 2, 3, 4],
         "strategies": {"full": {"method.placement": "all_linear"}, "attention": {"method.placement": "attention_only"},
                        "mlp": {"method.placement": "mlp_only"}}}))
-    for seed, loss in zip((1, 2, 3), (3.0, 3.2, 3.4)):
+    for seed, loss in zip((1, 2, 3), (3.0, 3.2, 3.4), strict=True):
         _write_run(root, f"full__seed{seed}", "full", 0, seed, loss=loss, params=6000,
                    placement=_placement(lambda layer: 8))
-    for seed, loss in zip((1, 2, 3), (3.5, 3.7, 3.6)):
+    for seed, loss in zip((1, 2, 3), (3.5, 3.7, 3.6), strict=True):
         _write_run(root, f"attention__seed{seed}", "attention", 1, seed, loss=loss, params=2000, seconds=6.0,
                    placement=_placement(lambda layer: 16 - 4 * layer, roles=("attn_q", "attn_v")))
     _write_run(root, "attention__seed4", "attention", 1, 4, status="diverged")
@@ -199,7 +206,7 @@ def test_load_runs_falls_back_to_sweep_run_json(sweep_dir):
 
 def test_report_command_and_its_errors(sweep_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    add_sweep_commands(parser.add_subparsers())
     args = parser.parse_args(["report", str(sweep_dir)])
     assert args.handler(args) == 0 and "report.md" in capsys.readouterr().out
     with pytest.raises(UserError, match="not found"):
@@ -232,7 +239,7 @@ def test_classification_report_names_the_majority_class_floor_and_shows_f1(tmp_p
     root = tmp_path / "cls"
     accuracies = {"stuck": (0.64, 0.64, 0.64), "learns": (0.80, 0.82, 0.81)}
     for index, (strategy, values) in enumerate(accuracies.items()):
-        for seed, accuracy in zip((1, 2, 3), values):
+        for seed, accuracy in zip((1, 2, 3), values, strict=True):
             metrics = {**_metrics(0.6), "accuracy": accuracy, "macro_f1": 0.39 if strategy == "stuck" else 0.8,
                        "train_accuracy": accuracy}
             _write_run(root, f"{strategy}__seed{seed}", strategy, index, seed, loss=0.6, task="classification",
@@ -291,7 +298,8 @@ def test_a_constant_paired_difference_is_a_verdict_at_the_top_of_the_report(tmp_
     assert "Against the untrained base model (eval loss 4, evaluated once at step 0" in text
     assert "a +1.37 (better than the base model on 3 of 3 seeds)" in text
     summary = {r["group"]: r for r in _csv(root / "summary.csv")}
-    assert summary["base_model"]["eval_loss_mean"] == "4.0" and "base_model__x" not in (root / "results.csv").read_text()
+    assert summary["base_model"]["eval_loss_mean"] == "4.0"
+    assert "base_model__x" not in (root / "results.csv").read_text()
 
 
 def test_collapsed_and_stray_runs_are_listed_and_never_averaged_and_no_nan_is_written(tmp_path):
