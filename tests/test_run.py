@@ -304,6 +304,7 @@ def test_a_kill_between_the_final_eval_and_the_summary_does_not_log_that_eval_tw
     assert _steps(out, "train_loss") == [1, 2, 3] and _steps(out, "eval_loss") == [2, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_cannot_train_into_one_folder(tmp_path, tiny_llama_dir):
     """A real second `peftlab run` into the folder of one that is training is refused, naming its pid;
     once that one is killed (kill -9), the kernel has released its lock."""
@@ -334,3 +335,19 @@ def test_two_processes_cannot_train_into_one_folder(tmp_path, tiny_llama_dir):
     with folder_lock(out):  # released by the kill; the folder stays the killed run's, for --resume
         pass
     assert (out / "metrics.jsonl").exists()
+
+
+def test_what_loading_says_lands_in_the_run_log_and_echo_false_silences_it(tmp_path, tiny_bert_dir, capsys):
+    """The new classification head is announced while the model loads, before the run's log opens."""
+    from peftlab import load_config, run_experiment
+
+    config = load_config(_config(tmp_path, tiny_bert_dir, _reviews(tmp_path / "reviews.csv"), task="classification"))
+    capsys.readouterr()
+    run_experiment(config, tmp_path / "quiet", echo=False)
+    # peftlab says nothing (the progress bars of datasets and transformers are theirs, not this channel)
+    assert not [line for line in capsys.readouterr().err.splitlines() if "peftlab" in line]
+    assert "new classification head" in (tmp_path / "quiet" / "train.log").read_text()
+    assert main(["run", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "loud")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("new classification head") == 1  # echoed once, by the run's route, not again by the CLI
+    assert "new classification head" in (tmp_path / "loud" / "train.log").read_text()

@@ -31,11 +31,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from peftlab import messages
 from peftlab.config import RunConfig, config_to_dict
 from peftlab.core.export import export_peft_adapter
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.modelmap import build_model_map
-from peftlab.core.placement import format_placement_map
+from peftlab.core.placement_map import format_placement_map
 from peftlab.diskio import DiskError, remove_quietly, temporary_path, write_atomic, writing
 from peftlab.errors import UserError
 from peftlab.inputs.data import TaskData, load_task_data
@@ -73,10 +74,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         previous = check_out_dir(config, out_dir, resume)  # again: another process may have run meanwhile
         if previous is not None:
             return previous
-        return _run_locked(config, out_dir, resume, echo, on_step, model_cache, reference_eval_loss, started)
+        with messages.routed(echo=echo) as route:  # what loading says goes to this run's log, or nowhere
+            return _run_locked(config, out_dir, resume, route, on_step, model_cache, reference_eval_loss, started)
 
 
-def _run_locked(config: RunConfig, out_dir: Path, resume: bool, echo: bool, on_step: Any,
+def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.Route, on_step: Any,
                 model_cache: BaseModelCache | None, reference_eval_loss: float | None,
                 started: float) -> RunSummary:
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
@@ -87,7 +89,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, echo: bool, on_s
     model_map = build_model_map(model, strict=config.method.targets is None, new_weights=loaded.new_weights)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
     # the run is known to start: only now is the folder written (an attempt that trained nothing is cleared)
-    log = _start(config, out_dir, echo, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
+    log = _start(config, out_dir, route, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
     _log_data_warnings(data, log)
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
                 f"{prepared.total_params:,} parameters ({prepared.percent_trainable:.3f}%)")
@@ -182,11 +184,12 @@ def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = T
         previous = check_reference_dir(config, out_dir)
         if previous is not None:
             return previous
-        device = resolve_device(config.train.device)
-        tokenizer, data, loaded = load_inputs(config, model_cache)
-        log = _start(config, out_dir, echo, stale=("metrics.jsonl", "train.log"))
-        _log_data_warnings(data, log)
-        return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
+        with messages.routed(echo=echo) as route:
+            device = resolve_device(config.train.device)
+            tokenizer, data, loaded = load_inputs(config, model_cache)
+            log = _start(config, out_dir, route, stale=("metrics.jsonl", "train.log"))
+            _log_data_warnings(data, log)
+            return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
 
 
 def _evaluate_reference(config: RunConfig, out_dir: Path, log: MetricsLog, device: torch.device, started: float,
@@ -209,7 +212,8 @@ def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None) ->
     tokenizer = load_tokenizer(config.model)
     data = load_task_data(config.data, config.task, tokenizer)
     load = model_cache.get if model_cache is not None else load_model
-    loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names)
+    loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names,
+                  tokenizer=tokenizer)  # the one tokenizer of the run: read from disk once
     seed_everything(config.train.seed)  # the new head's and (after this returns) the adapters' initial weights
     reinitialize(loaded.model, loaded.new_weights)
     return tokenizer, data, loaded
@@ -221,13 +225,17 @@ def _log_data_warnings(data: TaskData, log: MetricsLog) -> None:
         log.message(f"warning: {warning}")
 
 
-def _start(config: RunConfig, out_dir: Path, echo: bool, stale: tuple[str, ...] = ()) -> MetricsLog:
-    """Write config.yaml and open the logs; ``stale``: files of an earlier attempt to clear first."""
+def _start(config: RunConfig, out_dir: Path, route: messages.Route, stale: tuple[str, ...] = ()) -> MetricsLog:
+    """Write config.yaml and open the logs; ``stale``: files of an earlier attempt to clear first.
+
+    The messages that loading logged (held by ``route``) go into train.log first, in order."""
     for name in stale:  # an earlier attempt's lines must not mix with this one's
         with writing(out_dir / name):
             (out_dir / name).unlink(missing_ok=True)
     write_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return MetricsLog(out_dir, echo=echo)
+    log = MetricsLog(out_dir, echo=route.echo)
+    route.connect(log.to_file)  # the route already echoed them: the log only writes them down
+    return log
 
 
 def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from peftlab.diskio import append_line, write_atomic
+from peftlab.messages import to_stderr
 
 
 class MetricsLog:
@@ -25,11 +25,15 @@ class MetricsLog:
             append_line(self.directory / "metrics.jsonl", json.dumps(finite_only(record), allow_nan=False))
 
     def message(self, text: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
-        if self.directory is not None:
-            append_line(self.directory / "train.log", line)
+        """A line in train.log, and on stderr when the run echoes."""
+        self.to_file(text)
         if self.echo:
-            print(f"peftlab: {text}", file=sys.stderr)
+            to_stderr(text)
+
+    def to_file(self, text: str) -> None:
+        """A line in train.log only: for messages already echoed on their way here (peftlab.messages)."""
+        if self.directory is not None:
+            append_line(self.directory / "train.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
 
     def truncate_after(self, step: int, history: list[dict] | None = None) -> None:
         """On resume: keep what the log held when the checkpoint at ``step`` was written, each record once.
