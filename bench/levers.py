@@ -49,8 +49,13 @@ from peftlab.inputs.models import load_model  # noqa: E402
 from peftlab.run.evaluate import evaluate  # noqa: E402
 from peftlab.run.losses import IGNORE_INDEX, full_logits_loss_sum, labelled_logits, loss_sum  # noqa: E402
 from peftlab.run.resources import peak_memory, reset_peak_memory, seed_everything  # noqa: E402
-from peftlab.run.train import (StepOptions, accumulate_gradients, build_optimizer, optimizer_step,  # noqa: E402
-                               trainable_named_parameters)
+from peftlab.run.train import (  # noqa: E402
+    StepOptions,
+    accumulate_gradients,
+    build_optimizer,
+    optimizer_step,
+    trainable_named_parameters,
+)
 
 SHIPPED = StepOptions()  # peftlab's loss and batch splitter, as every run uses them
 CPU = torch.device("cpu")
@@ -129,7 +134,8 @@ def lora_forward_addmm(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _lora_forward(model: nn.Module, forward: Callable[[LoRALinear, torch.Tensor], torch.Tensor]) -> Iterator[StepOptions]:
+def _lora_forward(model: nn.Module,
+                  forward: Callable[[LoRALinear, torch.Tensor], torch.Tensor]) -> Iterator[StepOptions]:
     """Every LoRALinear of ``model`` runs ``forward``: set on the instances, so peftlab's class is untouched."""
     layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
     for layer in layers:
@@ -430,7 +436,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["| lever | what | tokens/s | vs baseline | peak RSS MB | loss rel diff | grad max rel diff |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in results["levers"].items():
-        lines.append(f"| {name} | {r['description']} | {r['tokens_per_s_median']:.1f} | {r['speed_vs_baseline']:.3f}x | "
+        lines.append(f"| {name} | {r['description']} | {r['tokens_per_s_median']:.1f} | "
+                     f"{r['speed_vs_baseline']:.3f}x | "
                      f"{r['peak_memory_mb_median']:.0f} | {r['loss_rel_diff']:.1e} | {r['grad_max_rel_diff']:.1e} |")
     p = results["pipeline_and_eval"]
     lines += ["", f"Data pipeline: {p['batches_seconds_per_epoch']:.3f} s to build an epoch's batches "

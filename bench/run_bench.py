@@ -155,7 +155,8 @@ def summarise(runs: list[dict], systems: list[str], spec: Spec, info: dict, gemm
     peak = max(gemm_before["peak_flops"], gemm_after["peak_flops"])
     for record in runs:
         record["padding_fraction"] = 1 - record["tokens"] / record["padded_tokens"] if record["padded_tokens"] else 0.0
-        record["model_flops_per_s"] = machine.model_flops(record["base_params"], record["tokens"]) / record["train_seconds"]
+        flops = machine.model_flops(record["base_params"], record["tokens"])
+        record["model_flops_per_s"] = flops / record["train_seconds"]
         record["mfu"] = record["model_flops_per_s"] / peak
     summary = {s: _medians([r for r in runs if r["system"] == s]) for s in systems}
     ratios = {f"{mine}/{peer}": _ratios(runs, summary, mine, peer, args.loss_tolerance)
@@ -192,7 +193,7 @@ def _ratios(runs: list[dict], summary: dict, system: str, peer: str, loss_tolera
     """system / peer: ratio of medians, and the median of per-repetition ratios (paired, interleaved)."""
     mine, theirs = summary[system], summary[peer]
     paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(
-        [r for r in runs if r["system"] == system], [r for r in runs if r["system"] == peer])]
+        [r for r in runs if r["system"] == system], [r for r in runs if r["system"] == peer], strict=True)]
     speed = mine["tokens_per_s_median"] / theirs["tokens_per_s_median"]
     memory = mine["peak_memory_mb_median"] / theirs["peak_memory_mb_median"]
     loss_delta = mine["eval_loss_median"] - theirs["eval_loss_median"]
@@ -247,7 +248,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"LoRA r={s['r']} alpha={s['alpha']:g} dropout={s['dropout']} on q,k,v,o,gate,up,down of {s['model']}; "
         f"{s['examples']} chatterbot training examples x {s['epochs']:g} epoch, {s['eval_examples']} eval examples; "
-        f"lr {s['lr']:g} cosine, warmup {s['warmup_ratio']:g}, weight decay {s['weight_decay']:g}, seeds {s['seed']}..{s['seed'] + s['reps'] - 1} (one per repetition); "
+        f"lr {s['lr']:g} cosine, warmup {s['warmup_ratio']:g}, weight decay {s['weight_decay']:g}, "
+        f"seeds {s['seed']}..{s['seed'] + s['reps'] - 1} (one per repetition); "
         f"device {s['device']}; {s['reps']} interleaved repetitions, medians shown"
         f"{', each run in a fresh process' if s['isolated'] else ', all runs in one process'}.",
         "",
@@ -256,7 +258,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     split = f", split into pieces of <= {s['max_batch_tokens']} padded tokens" if s.get("max_batch_tokens") else ""
     recipes = {"peftlab": f"batch {s['batch_size']}, length-grouped, dynamic padding{split}",
-               "hf_seeds": f"batch {s['seeds_batch_size']} x accum {s['seeds_grad_accum']}, padded to {s['max_length']}",
+               "hf_seeds": f"batch {s['seeds_batch_size']} x accum {s['seeds_grad_accum']}, "
+                           f"padded to {s['max_length']}",
                "hf_tuned": f"batch {s['batch_size']}, group_by_length, dynamic padding"}
     for system, row in settings.items():
         lines.append(f"| {system} | {recipes[system]} | {row['tokens_per_s_median']:.1f} | "
@@ -275,8 +278,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", "Targets: tokens/s ratio at least the target, peak memory ratio <= 1, eval loss delta (of medians "
               "over seeds) at most " + ("the seed-to-seed spread measured here (the larger of the two systems' "
                                         "max - min over repetitions): " if measured else
-                                        "a fixed allowance (one repetition: no spread to measure): ") + tolerances + "."]
-    lines += ["", f"Same tokenized train/eval examples for every run: {'yes' if results['same_data_for_all'] else 'NO'}. "
+                                        "a fixed allowance (one repetition: no spread to measure): ")
+              + tolerances + "."]
+    same = 'yes' if results['same_data_for_all'] else 'NO'
+    lines += ["", f"Same tokenized train/eval examples for every run: {same}. "
               f"Command: `.venv/bin/python {results['command']}`", ""]
     return "\n".join(lines)
 

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from peftlab.config import DataConfig, MethodConfig, RankConfig, TrainConfig
-from peftlab.inputs.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
-from peftlab.run.evaluate import evaluate
 from peftlab.core.methods import prepare
 from peftlab.core.modelmap import build_model_map
-from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.core.params import count_params
+from peftlab.inputs.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
+from peftlab.inputs.models import load_model, load_tokenizer
+from peftlab.run.evaluate import evaluate
 from peftlab.run.resources import peak_memory, reset_peak_memory
 from peftlab.run.tracking import MetricsLog
 from peftlab.run.train import autocast_for, train

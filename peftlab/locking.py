@@ -2,8 +2,8 @@
 
 ``fcntl.flock`` on a lock file inside the folder, non-blocking: a second ``peftlab run`` (or sweep)
 into a folder in use stops at once with one line naming the holder's pid, which the holder writes
-into the lock file ("<pid> <run|sweep|...>"). The kernel releases the lock when its holder exits, however it ends (kill -9
-included), so a stale lock file never blocks a later run. The file stays in the folder once it
+into the lock file ("<pid> <run|sweep|...>"). The kernel releases the lock when its holder exits,
+however it ends (kill -9 included), so a stale lock file never blocks a later run. The file stays in the folder once it
 holds anything else: unlinking a lock file that another process may be about to lock would let two
 processes hold "the" lock. A folder this process created and that is left holding only the lock
 file (a run that stopped on a user mistake before writing anything) is removed again.

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
-from peftlab.errors import UserError
 from peftlab.core.methods.adapter import AdaptedOutput, BottleneckAdapter, apply_adapters
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.params import count_params
+from peftlab.errors import UserError
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 

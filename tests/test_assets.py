@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from peftlab import messages
-from peftlab.inputs import assets
 from peftlab.errors import UserError
+from peftlab.inputs import assets
 
 installed = {module: importlib.util.find_spec(module) is not None for module in assets.PACKAGES}
 needs = {module: pytest.mark.skipif(not ok, reason=f"{module} not installed") for module, ok in installed.items()}

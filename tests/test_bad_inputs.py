@@ -24,13 +24,12 @@ from typing import Callable
 
 import pytest
 import yaml
-
-from peftlab.cli import main
-from peftlab.study.sweep import expand, load_sweep
-
 from test_report import _write_run
 from test_run import _alpaca, _config, _reviews
 from test_sweep import _tiny_sweep
+
+from peftlab.cli import main
+from peftlab.study.sweep import expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -60,7 +59,9 @@ class Disk:
         self.monkeypatch, self.mounts, self.real = monkeypatch, [], None
 
     def full(self, folder: Path, room: int = 0, failing: str = "") -> Path:
-        """``folder`` on a disk with ``room`` bytes free (0: full). Patched: writes to names holding ``failing`` fail."""
+        """``folder`` on a disk with ``room`` bytes free (0: full).
+
+        Patched: writes to names holding ``failing`` fail."""
         if _mount(folder, "size=512k"):
             self.mounts.append(folder)
             self.real = True

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where bench/ lives
 
+from conftest import tiny_gpt2, tiny_llama  # noqa: E402
+
 from bench import levers, run_bench  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig  # noqa: E402
-from peftlab.run.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
 from peftlab.core.methods import prepare  # noqa: E402
 from peftlab.core.modelmap import build_model_map  # noqa: E402
-
-from conftest import tiny_gpt2, tiny_llama  # noqa: E402
+from peftlab.run.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -85,8 +85,9 @@ def test_each_repetition_has_its_own_seed_and_the_loss_check_uses_their_spread(t
 
 
 def test_benchmark_max_batch_tokens_cuts_what_peftlab_pads_not_what_it_trains_on(tiny_llama_dir, tmp_path):
-    whole = _bench(tiny_llama_dir, tmp_path / "whole", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "0")
-    split = _bench(tiny_llama_dir, tmp_path / "split", "--in-process", "--systems", "peftlab", "--max-batch-tokens", "64")
+    one_system = ("--in-process", "--systems", "peftlab", "--max-batch-tokens")
+    whole = _bench(tiny_llama_dir, tmp_path / "whole", *one_system, "0")
+    split = _bench(tiny_llama_dir, tmp_path / "split", *one_system, "64")
     assert whole["settings"]["max_batch_tokens"] is None and split["settings"]["max_batch_tokens"] == 64
     whole_row, split_row = whole["summary"]["peftlab"], split["summary"]["peftlab"]
     assert split_row["tokens"] == whole_row["tokens"] and split_row["steps"] == whole_row["steps"]

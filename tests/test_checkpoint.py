@@ -7,8 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftlab.run.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.errors import UserError
+from peftlab.run.checkpoint import (
+    CHECKPOINT_FILE,
+    LEGACY_CHECKPOINT_FILE,
+    TrainState,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _setup(seed: int = 0, out_features: int = 3):

@@ -6,7 +6,8 @@ from peftlab.errors import UserError
 
 def test_defaults_and_nested_values(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: m\nmethod: {name: lora, ranks: {schedule: uniform, r: 4}}\ntrain: {lr: 2.0e-4, max_steps: 3}\n")
+    path.write_text("model: m\nmethod: {name: lora, ranks: {schedule: uniform, r: 4}}\n"
+                    "train: {lr: 2.0e-4, max_steps: 3}\n")
     config = load_config(path)
     assert config.model == "m"
     assert config.method.ranks.r == 4

@@ -12,12 +12,26 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from peftlab import messages
-from peftlab.inputs import data
 from peftlab.config import DataConfig
-from peftlab.inputs.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batch_indices, batches,
-                          causal_chunks, collate, encode_prompt, encode_response, format_prompt,
-                          instruction_example, label_mapping, load_task_data, num_batches, split_by_tokens)
 from peftlab.errors import UserError
+from peftlab.inputs import data
+from peftlab.inputs.data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    batch_indices,
+    batches,
+    causal_chunks,
+    collate,
+    encode_prompt,
+    encode_response,
+    format_prompt,
+    instruction_example,
+    label_mapping,
+    load_task_data,
+    num_batches,
+    split_by_tokens,
+)
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
 needs_chatterbot = pytest.mark.skipif(importlib.util.find_spec("chatterbot_corpus") is None,
@@ -120,7 +134,7 @@ def test_eval_prompts_come_from_the_eval_records(tok, tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     task = load_task_data(DataConfig(source=source, eval_size=5, seed=3), "instruction", tok)
     assert len(task.eval_prompts) == len(task.eval) == 5
-    for (prompt, reference), example in zip(task.eval_prompts, task.eval):
+    for (prompt, reference), example in zip(task.eval_prompts, task.eval, strict=True):
         assert example["input_ids"] == encode_prompt(tok, prompt) + encode_response(tok, reference)
         assert any(format_prompt(r) == prompt and r["output"] == reference for r in rows)
 
@@ -323,7 +337,7 @@ def test_same_config_gives_identical_data_and_batches(tok, tmp_path):
     assert first == second
     one = list(batches(first.train, 4, pad_id=0, seed=9, epoch=1))
     two = list(batches(second.train, 4, pad_id=0, seed=9, epoch=1))
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a) and len(one) == len(two)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two, strict=True) for k in a) and len(one) == len(two)
 
 
 # --- sources, field mapping and errors ----------------------------------------------------------
@@ -514,6 +528,7 @@ def test_split_by_tokens_keeps_every_row_once_within_the_cap(cap):
 def test_split_by_tokens_carries_classification_labels_with_their_rows():
     examples = [{"input_ids": [5] * n, "label": n % 3} for n in (4, 9, 2, 7)]
     pieces = split_by_tokens(collate(examples, pad_id=0), 10)
-    pairs = sorted((int(p["attention_mask"][i].sum()), int(p["label"][i])) for p in pieces for i in range(len(p["label"])))
+    pairs = sorted((int(p["attention_mask"][i].sum()), int(p["label"][i]))
+                   for p in pieces for i in range(len(p["label"])))
     assert pairs == sorted((n, n % 3) for n in (4, 9, 2, 7))
 

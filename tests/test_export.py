@@ -12,12 +12,12 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from peftlab.config import MethodConfig, RankConfig
-from peftlab.errors import UserError
 from peftlab.core.export import export_merged, export_peft_adapter, import_peft_adapter
 from peftlab.core.methods import prepare
 from peftlab.core.methods.lora import LoRALinear, apply_lora, lora_modules
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.placement import Target, select_targets
+from peftlab.errors import UserError
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -29,7 +29,8 @@ def _inspect_json(capsys, *args):
 
 
 def test_gpt2_attention_only_never_touches_mlp_c_proj(gpt2_config_dir, capsys):
-    report = _inspect_json(capsys, "--model", str(gpt2_config_dir), "--placement", "attention_only", "--ranks", "uniform:8")
+    report = _inspect_json(capsys, "--model", str(gpt2_config_dir), "--placement", "attention_only",
+                           "--ranks", "uniform:8")
     modules = {t["module"] for t in report["targets"]}
     assert "transformer.h.0.attn.c_proj" in modules and "transformer.h.0.attn.c_attn" in modules
     assert not any(".mlp." in m for m in modules)

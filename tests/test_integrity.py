@@ -7,20 +7,19 @@ import math
 
 import pytest
 import torch
+from test_run import _alpaca, _config, _reviews
 
 import peftlab.run.experiment as run_module
 from peftlab.config import load_config
-from peftlab.inputs.data import load_task_data
-from peftlab.run.evaluate import EvalResult, evaluate
-from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.core.params import count_params
-from peftlab.run.resources import data_sha256
+from peftlab.inputs.data import load_task_data
+from peftlab.inputs.models import load_model, load_tokenizer
+from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.experiment import COLLAPSE_MARGIN, check_collapse, evaluate_reference, run_experiment
+from peftlab.run.resources import data_sha256
 from peftlab.run.summary import RunSummary
 from peftlab.run.tracking import MetricsLog, finite_only
 from peftlab.run.train import eval_batches
-
-from test_run import _alpaca, _config, _reviews
 
 STEPS = 3  # test_run's _config trains 3 steps
 

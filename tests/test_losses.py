@@ -1,11 +1,10 @@
 import math
 
 import torch
+from conftest import tiny_gpt2, tiny_llama
 
 from peftlab.run.evaluate import evaluate, macro_f1, perplexity
 from peftlab.run.losses import full_logits_loss_sum, loss_sum
-
-from conftest import tiny_gpt2, tiny_llama
 
 
 def _batch():

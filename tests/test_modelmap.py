@@ -13,6 +13,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     FalconConfig,
     FalconForCausalLM,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -20,8 +22,6 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2MoeConfig,
@@ -33,9 +33,9 @@ from transformers import (
     XLNetForSequenceClassification,
 )
 
-from peftlab.errors import UserError
 from peftlab.core.modelmap import LinearSite, ModelMap, build_model_map
 from peftlab.core.placement import select_targets
+from peftlab.errors import UserError
 
 
 def _layer0(model_map: ModelMap) -> list[tuple[str, str]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
-from peftlab.errors import UserError
 from peftlab.core.methods.partial import apply_full, apply_partial, set_head_trainable
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.params import count_params
+from peftlab.errors import UserError
 
 
 def _trainable(model) -> set[str]:

@@ -8,11 +8,11 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from transformers import BertConfig, BertModel, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from peftlab.config import MethodConfig, RankConfig
-from peftlab.errors import UserError
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.methods.lora import LoRALinear
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.params import count_params
+from peftlab.errors import UserError
 
 
 def _prepare(model, task_head=False, **method) -> Prepared:

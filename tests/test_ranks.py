@@ -8,10 +8,10 @@ import pytest
 from conftest import tiny_gpt2, tiny_llama
 
 from peftlab.config import RankConfig
-from peftlab.errors import UserError
 from peftlab.core.modelmap import LinearSite, build_model_map
 from peftlab.core.placement import Target, select_targets
-from peftlab.core.ranks import alphas_for, allocate_ranks, budget_rank, lora_param_count, rank_limit
+from peftlab.core.ranks import allocate_ranks, alphas_for, budget_rank, lora_param_count, rank_limit
+from peftlab.errors import UserError
 
 # Seed 002 (DialoGPT-medium, 24 layers): rank_i = max(4, 16 - (16-4) * i / (24-1)), to the nearest int.
 SEED_002_LINEAR_DECAY = [16, 15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5, 5, 4]

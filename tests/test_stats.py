@@ -5,9 +5,24 @@ import math
 import pytest
 
 from peftlab.study.distribution import regularized_beta, t_cdf, t_quantile
-from peftlab.study.stats import (Stat, aggregate, compare, compare_all, describe, efficiency_ratio, holm, mark_pareto,
-                                 minimum_detectable, one_seed_warnings, paired_test, parameter_reduction,
-                                 relative_change, seeds_to_detect, spread, welch_test)
+from peftlab.study.stats import (
+    Stat,
+    aggregate,
+    compare,
+    compare_all,
+    describe,
+    efficiency_ratio,
+    holm,
+    mark_pareto,
+    minimum_detectable,
+    one_seed_warnings,
+    paired_test,
+    parameter_reduction,
+    relative_change,
+    seeds_to_detect,
+    spread,
+    welch_test,
+)
 
 # Two-sided 95% critical values t(0.975, df) from standard tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -102,7 +117,7 @@ def test_aggregate_excludes_unfinished_runs_and_compares_to_baseline():
 
 def test_paired_test_matches_scipy_ttest_rel():
     a, b = [2.50, 2.71, 2.62], [2.59, 2.81, 2.74]
-    mean, sd, low, high, p = paired_test([x - y for x, y in zip(a, b)])
+    mean, sd, low, high, p = paired_test([x - y for x, y in zip(a, b, strict=True)])
     assert mean == pytest.approx(-0.10333333, rel=1e-6)
     assert p == pytest.approx(0.0072054464084598735, rel=1e-6)
     assert (low, high) == (pytest.approx(-0.1412791636693012, rel=1e-6), pytest.approx(-0.06538750299736548, rel=1e-6))

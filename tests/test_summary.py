@@ -5,13 +5,25 @@ import math
 from pathlib import Path
 
 import pytest
+from summaries import failed_summary, make_summary, resources
 
 from peftlab.errors import UserError
-from peftlab.run.summary import (DATA, SMALL_EVAL, SMALL_EVAL_EXAMPLES, Artifact, Collapse, DataInfo, Divergence,
-                                 PlacedModule, RunSummary, RunWarning, data_warnings, read_summary,
-                                 small_eval_warning, write_summary)
-
-from summaries import failed_summary, make_summary, resources
+from peftlab.run.summary import (
+    DATA,
+    SMALL_EVAL,
+    SMALL_EVAL_EXAMPLES,
+    Artifact,
+    Collapse,
+    DataInfo,
+    Divergence,
+    PlacedModule,
+    RunSummary,
+    RunWarning,
+    data_warnings,
+    read_summary,
+    small_eval_warning,
+    write_summary,
+)
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 

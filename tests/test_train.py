@@ -3,16 +3,21 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from peftlab.config import MethodConfig, RankConfig, TrainConfig
 from peftlab.core.methods import prepare
 from peftlab.core.modelmap import build_model_map
-from peftlab.run.tracking import MetricsLog
 from peftlab.inputs.data import batches, split_by_tokens
-from peftlab.run.train import (StepOptions, build_optimizer, build_scheduler, optimizer_step, train,
-                               trainable_named_parameters)
-
-from conftest import tiny_llama
+from peftlab.run.tracking import MetricsLog
+from peftlab.run.train import (
+    StepOptions,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    train,
+    trainable_named_parameters,
+)
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
@@ -34,10 +39,10 @@ def _lora_model(dropout: float = 0.1):
     return model
 
 
-def _train(model, cfg, tmp_path=None, resume=False, on_step=None, options=StepOptions()):
+def _train(model, cfg, tmp_path=None, resume=False, on_step=None, options=None):
     return train(model, _examples(24), _examples(8, seed=1), "instruction", cfg, pad_id=0,
                  device=torch.device("cpu"), log=MetricsLog(tmp_path, echo=False),
-                 checkpoint_dir=tmp_path, resume=resume, on_step=on_step, options=options)
+                 checkpoint_dir=tmp_path, resume=resume, on_step=on_step, options=options or StepOptions())
 
 
 def _trainable_state(model):
@@ -87,7 +92,10 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
     # metrics.jsonl holds each step once, as an uninterrupted run's does
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text()
     killed = (tmp_path / "killed" / "metrics.jsonl").read_text()
-    assert [line.split('"lr"')[0] for line in straight.splitlines()] == [line.split('"lr"')[0] for line in killed.splitlines()]
+    def without_lr(text):
+        return [line.split('"lr"')[0] for line in text.splitlines()]
+
+    assert without_lr(straight) == without_lr(killed)
 
 
 def test_non_finite_gradient_stops_the_run_and_names_the_parameter():
@@ -126,7 +134,7 @@ def test_scheduler_warms_up_then_decays_to_zero():
         optimizer.step()
         scheduler.step()
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -186,7 +194,7 @@ def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum):
     assert [r["train_loss"] for r in a.history if "train_loss" in r] == pytest.approx(
         [r["train_loss"] for r in b.history if "train_loss" in r], rel=1e-5)
     assert a.state.train_tokens == b.state.train_tokens
-    for (name, p), (_, q) in zip(_trainable_state(a_model).items(), _trainable_state(b_model).items()):
+    for (name, p), (_, q) in zip(_trainable_state(a_model).items(), _trainable_state(b_model).items(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     assert b.final_eval.loss == pytest.approx(a.final_eval.loss, rel=1e-5)
 

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.errors import UserError
 from peftlab.core.methods.lora import LoRALinear, apply_lora, lora_modules, unload_lora, weight_as_out_in
 from peftlab.core.modelmap import LinearSite, build_model_map
 from peftlab.core.placement import Target
+from peftlab.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peftlab.config import RankConfig
-from peftlab.errors import UserError
 from peftlab.core.modelmap import ATTENTION_ROLES, MLP_ROLES
 from peftlab.core.placement import Target
+from peftlab.errors import UserError
 
 
 def lora_param_count(target: Target, r: int, *, dora: bool = False) -> int:

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.core.roles import Role
 
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 

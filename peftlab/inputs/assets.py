@@ -284,7 +284,7 @@ def _conversation_pairs(path: Path) -> list[tuple[str, str]]:
         if not isinstance(turns, list):  # one malformed entry in trivia.yml parses as a string
             continue
         turns = [str(turn).strip() for turn in turns if turn is not None]
-        pairs += [(q, a) for q, a in zip(turns, turns[1:]) if q and a]
+        pairs += [(q, a) for q, a in zip(turns, turns[1:], strict=False) if q and a]
     return pairs
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from peftlab.inputs import assets
-from peftlab.errors import UserError
 from peftlab.core.modelmap import split_new_weights
+from peftlab.errors import UserError
+from peftlab.inputs import assets
 
 CAUSAL_TASKS = ("instruction", "causal_lm")
 TASKS = (*CAUSAL_TASKS, "classification")

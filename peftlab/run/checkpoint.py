@@ -205,8 +205,8 @@ def _checked_optimizer_state(tensors: dict[str, torch.Tensor], document: dict,
             or not isinstance(saved.get("state"), dict):
         raise _Refused("its optimizer state is malformed")
     groups = [_checked_group(g, live) for g, live in _paired(saved["param_groups"], optimizer.param_groups)]
-    params_by_id = {i: p for g, live in zip(groups, optimizer.param_groups)
-                    for i, p in zip(g["params"], live["params"])}
+    params_by_id = {i: p for g, live in zip(groups, optimizer.param_groups, strict=True)
+                    for i, p in zip(g["params"], live["params"], strict=True)}
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(OPTIM):
@@ -224,7 +224,7 @@ def _checked_optimizer_state(tensors: dict[str, torch.Tensor], document: dict,
 def _paired(saved: list, live: list[dict]) -> list[tuple[dict, dict]]:
     if len(saved) != len(live) or not all(isinstance(g, dict) for g in saved):
         raise _Refused(f"it has {len(saved)} optimizer parameter groups, the run has {len(live)}")
-    return list(zip(saved, live))
+    return list(zip(saved, live, strict=True))
 
 
 def _checked_group(saved: dict, live: dict) -> dict:

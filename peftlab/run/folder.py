@@ -46,7 +46,8 @@ def check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> RunSummary 
         saved = from_dict(RunConfig, load_yaml(saved_path))
         if config_to_dict(saved) != config_to_dict(config):
             changed = changed_keys(config_to_dict(saved), config_to_dict(config))
-            raise UserError(f"--resume with a different config than the run in {out_dir} (changed: {', '.join(changed)})")
+            raise UserError(f"--resume with a different config than the run in {out_dir} "
+                            f"(changed: {', '.join(changed)})")
     summary = read_summary(out_dir / SUMMARY_FILE)
     if summary is not None and summary.status in FINISHED:
         return summary

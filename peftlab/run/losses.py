@@ -109,7 +109,8 @@ def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     labels = batch["labels"][:, 1:]  # [B, T-1]
     keep = labels != IGNORE_INDEX  # [B, T-1]
     if getattr(model.config, "model_type", None) in _PLAIN_HEAD_TYPES and model.get_output_embeddings() is not None:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        body = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = body.last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]

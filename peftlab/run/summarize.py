@@ -21,8 +21,18 @@ from peftlab.core.params import count_params
 from peftlab.inputs.data import TaskData
 from peftlab.run.evaluate import EvalResult
 from peftlab.run.resources import data_sha256, environment, load_average, model_sha256, peak_memory
-from peftlab.run.summary import (Artifact, DataInfo, Divergence, Params, PlacedModule, Resources, RunSummary,
-                                 RunWarning, data_warnings, small_eval_warning)
+from peftlab.run.summary import (
+    Artifact,
+    DataInfo,
+    Divergence,
+    Params,
+    PlacedModule,
+    Resources,
+    RunSummary,
+    RunWarning,
+    data_warnings,
+    small_eval_warning,
+)
 from peftlab.run.train import TrainOutcome
 
 

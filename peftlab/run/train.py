@@ -25,15 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, num_batches, split_by_tokens
+from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.resources import load_average
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
-
 
 # (batch, max_batch_tokens) -> pieces run one after another in one step; a run uses split_by_tokens.
 SplitFn = Callable[[dict[str, torch.Tensor], int | None], list[dict[str, torch.Tensor]]]
@@ -125,7 +124,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=cfg.lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ceil(warmup_ratio * total) steps, then cosine / linear decay to 0, or constant.
 
     Same shape as transformers' get_cosine_schedule_with_warmup, so runs compare with HF Trainer's.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     """Lentz's method for the continued fraction of I_x(a, b) (Numerical Recipes, betacf)."""
     tiny, eps = 1e-300, 1e-15

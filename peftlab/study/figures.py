@@ -184,7 +184,8 @@ def loss_curves(curves: dict[str, list[list[dict[str, Any]]]], loss_label: str, 
             if len(runs) > 1:
                 ax.fill_between(steps, low, high, color=colors[label], alpha=0.15)
         if key == "eval_loss" and reference is not None:
-            ax.plot([0], [reference], marker="*", ms=12, color="black", ls="none", label="untrained base model (step 0)")
+            ax.plot([0], [reference], marker="*", ms=12, color="black", ls="none",
+                    label="untrained base model (step 0)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"{key.replace('_', ' ')} ({loss_label})")
         ax.set_title(f"{title}\nper strategy: mean over seeds, band min-max", fontsize=10)

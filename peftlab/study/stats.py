@@ -177,7 +177,8 @@ def compare(metric: str, a: str, b: str, values_a: dict[int, float], values_b: d
         mean, low, high, p = welch_test(list(values_a.values()), list(values_b.values()))
         test = "Welch t"
     else:
-        mean = (math.fsum(values_a.values()) / max(1, len(values_a))) - (math.fsum(values_b.values()) / max(1, len(values_b)))
+        mean_a = math.fsum(values_a.values()) / max(1, len(values_a))
+        mean = mean_a - math.fsum(values_b.values()) / max(1, len(values_b))
         low = high = p = None
         test = "none"
     return Comparison(metric, a, b, test, 0, len(values_a), len(values_b), mean, None, low, high, p, None, 0, 0, 0,
@@ -196,7 +197,7 @@ def compare_all(groups: Sequence["GroupStats"], metric: str, *, higher_is_better
     adjusted = holm([c.p_value for c in raw])
     sign = 1.0 if higher_is_better else -1.0
     results = []
-    for comparison, p_adj in zip(raw, adjusted):
+    for comparison, p_adj in zip(raw, adjusted, strict=True):
         verdict = "indistinguishable"
         if p_adj is not None and p_adj < ALPHA and comparison.mean_diff != 0.0:
             verdict = "a_better" if sign * comparison.mean_diff > 0 else "b_better"

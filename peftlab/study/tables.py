@@ -91,7 +91,8 @@ def reference_rows(a: Analysis, metrics: list[str]) -> list[dict[str, Any]]:
     rows = []
     for run in a.references:
         row = result_row(run)
-        rows.append({"group": REFERENCE, "strategy": REFERENCE, "n_runs": 1, "n_completed": int(run.status == "completed"),
+        rows.append({"group": REFERENCE, "strategy": REFERENCE, "n_runs": 1,
+                     "n_completed": int(run.status == "completed"),
                      "excluded_runs": "" if run.status == "completed" else f"{run.run_id} ({run.status})",
                      **{f"{m}_mean": row.get(m) for m in metrics if isinstance(row.get(m), (int, float))}})
     return rows

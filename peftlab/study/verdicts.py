@@ -58,7 +58,8 @@ def _method_line(a: "Analysis") -> str:
     family = ", ".join(f"{n} on {METRIC_NAMES.get(m, m)}" for m, n in families.items()) or "none"
     return (f"Runs of two strategies with the same seed share their data order, initialisation seed and eval set, so "
             f"they are compared as pairs ({len(seeds)} seeds: {', '.join(map(str, seeds))}): the mean of the per-seed "
-            f"differences with its {100 * (1 - ALPHA):.0f}% Student-t interval, the seeds each side won, and a paired t "
+            f"differences with its {100 * (1 - ALPHA):.0f}% Student-t interval, the seeds each side won, "
+            f"and a paired t "
             f"test whose p-value is Holm-adjusted over the pairs of its metric ({family}). A pair is called separated "
             f"when the adjusted p-value is below {ALPHA}; otherwise it is indistinguishable at this number of seeds.")
 

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftlab.config import MethodConfig
 from peftlab.core import placement
 from peftlab.core import ranks as rank_schedules
-from peftlab.config import MethodConfig
-from peftlab.errors import UserError
-from peftlab.core.modelmap import ModelMap
-from peftlab.core.params import count_params
-from peftlab.core.placement import Target
 from peftlab.core.methods.adapter import apply_adapters
 from peftlab.core.methods.lora import apply_lora
 from peftlab.core.methods.partial import apply_full, apply_partial, set_head_trainable
+from peftlab.core.modelmap import ModelMap
+from peftlab.core.params import count_params
+from peftlab.core.placement import Target
+from peftlab.errors import UserError
 
 
 @dataclass

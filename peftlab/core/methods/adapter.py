@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from peftlab.errors import UserError
-from peftlab.core.modelmap import ModelMap
 from peftlab.core.methods.lora import replace_module, weight_as_out_in
+from peftlab.core.modelmap import ModelMap
+from peftlab.errors import UserError
 
 VARIANT_ROLES = {"houlsby": ("attn_out", "mlp_out"), "pfeiffer": ("mlp_out",)}
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}

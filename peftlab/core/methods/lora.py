@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.errors import UserError
 from peftlab.core.placement import Target
+from peftlab.errors import UserError
 
 
 def weight_as_out_in(module: nn.Module) -> Tensor:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from peftlab.errors import UserError
 from peftlab.core.modelmap import ModelMap
+from peftlab.errors import UserError
 
 
 def apply_partial(model: nn.Module, model_map: ModelMap, *, last_n: int, bitfit: bool) -> None:

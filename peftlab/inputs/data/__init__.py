@@ -16,11 +16,18 @@ The modules, in the order data flows through them:
 Everything other modules use is importable from here, as it was from the single data.py.
 """
 
-from peftlab.inputs.data.batching import (MEGABATCH_FACTOR, batch_indices, batches, collate, num_batches,
-                                          split_by_tokens)
-from peftlab.inputs.data.formats import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, causal_chunks,
-                                         encode_prompt, encode_response, end_of_text_id, format_prompt,
-                                         instruction_example)
+from peftlab.inputs.data.batching import MEGABATCH_FACTOR, batch_indices, batches, collate, num_batches, split_by_tokens
+from peftlab.inputs.data.formats import (
+                                          ALPACA_PROMPT,
+                                          ALPACA_PROMPT_NO_INPUT,
+                                          IGNORE_INDEX,
+                                          causal_chunks,
+                                          encode_prompt,
+                                          encode_response,
+                                          end_of_text_id,
+                                          format_prompt,
+                                          instruction_example,
+)
 from peftlab.inputs.data.sources import FILE_TYPES, TASK_FIELDS, check_utf8, load_rows, select_fields
 from peftlab.inputs.data.split import contiguous_split, eval_count, split_indices
 from peftlab.inputs.data.tasks import TaskData, label_mapping, load_task_data

@@ -17,8 +17,13 @@ import numpy as np
 
 from peftlab.config import DataConfig
 from peftlab.errors import UserError
-from peftlab.inputs.data.formats import (causal_chunks, end_of_text_id, format_prompt, instruction_example,
-                                         special_affixes)
+from peftlab.inputs.data.formats import (
+    causal_chunks,
+    end_of_text_id,
+    format_prompt,
+    instruction_example,
+    special_affixes,
+)
 from peftlab.inputs.data.sources import TASK_FIELDS, load_rows, select_fields
 from peftlab.inputs.data.split import split_indices
 
@@ -92,7 +97,7 @@ def _encode_instructions(records: list[dict], cfg: DataConfig,
     prompts = tokenizer([format_prompt(r) for r in records], add_special_tokens=False)["input_ids"]
     responses = tokenizer([str(r["output"]) for r in records], add_special_tokens=False)["input_ids"]
     kept = []
-    for record, prompt_ids, response_ids in zip(records, prompts, responses):
+    for record, prompt_ids, response_ids in zip(records, prompts, responses, strict=True):
         example = instruction_example(prefix + prompt_ids, response_ids + [eos], cfg.max_length, cfg.response_only)
         if example is not None:
             kept.append((example, record))
@@ -136,7 +141,7 @@ def _classification(records: list[dict], cfg: DataConfig, tokenizer: Any,
     def encode(indices: list[int]) -> list[dict]:
         texts = [str(records[i]["text"]) for i in indices]
         encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-        return [{"input_ids": ids_, "label": ids[i]} for ids_, i in zip(encoded, indices)]
+        return [{"input_ids": ids_, "label": ids[i]} for ids_, i in zip(encoded, indices, strict=True)]
 
     warnings = _label_warnings(names, ids, [ids[i] for i in train_idx], [ids[i] for i in eval_idx], inferred)
     return TaskData(train=encode(train_idx), eval=encode(eval_idx), num_labels=len(names),
