@@ -25,6 +25,7 @@ import yaml
 from peftlab.errors import UserError
 
 TASKS = ("instruction", "classification", "causal_lm")
+CAUSAL_TASKS = ("instruction", "causal_lm")  # the tasks a causal LM head predicts tokens for
 METHODS = ("lora", "adapter", "partial", "full")
 PLACEMENTS = ("all_linear", "attention_only", "mlp_only", "qv_only")
 SCHEDULES = ("uniform", "linear_decay", "attention_heavy", "empirical", "custom", "budget")

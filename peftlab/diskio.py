@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from peftlab.errors import UserError
@@ -62,13 +62,23 @@ def temporary_path(path: Path) -> Path:
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` by temp file + rename: a reader, a kill or a full disk never leaves half a file."""
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+    write_atomic_by(path, write)
+
+
+def write_atomic_by(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)`` fills the temp file beside ``path`` (safetensors' save_file, say), then it is
+    renamed into place: the one atomic writer, whatever the format. On failure the temp file is removed
+    and ``path`` keeps what it held (a previous checkpoint survives a full disk)."""
     path = Path(path)
     temporary = temporary_path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(temporary, "wb") as handle:
-                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            write(temporary)
             os.replace(temporary, path)
         except BaseException:
             remove_quietly(temporary)

@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
+from peftlab.config import CAUSAL_TASKS, TASKS
 from peftlab.core.modelmap import split_new_weights
 from peftlab.errors import UserError
 from peftlab.inputs import assets
-
-CAUSAL_TASKS = ("instruction", "causal_lm")
-TASKS = (*CAUSAL_TASKS, "classification")
 
 _log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decides where it goes (peftlab.messages)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peftlab.diskio import remove_quietly, writing
+from peftlab.diskio import write_atomic_by, writing
 from peftlab.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # its presence means "a checkpoint exists" (run.py, sweep.py)
@@ -73,14 +72,9 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     document = {"format": FORMAT, "state": asdict(state), "history": history,
                 "optimizer": optimizer_json, "scheduler": scheduler_state}
     path = directory / CHECKPOINT_FILE
-    temporary = path.with_suffix(".tmp")
-    with writing(path):  # a full or read-only disk: one line, and the previous checkpoint kept
-        try:
-            save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(document)})
-            os.replace(temporary, path)
-        except BaseException:
-            remove_quietly(temporary)
-            raise
+    # a full or read-only disk: one line, and the previous checkpoint kept
+    write_atomic_by(path, lambda temporary: save_file(tensors, str(temporary),
+                                                      metadata={METADATA_KEY: json.dumps(document)}))
     return path
 
 

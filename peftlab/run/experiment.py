@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,16 +31,16 @@ import yaml
 from safetensors.torch import save_file
 
 from peftlab import messages
-from peftlab.config import RunConfig, config_to_dict
+from peftlab.config import CAUSAL_TASKS, RunConfig, config_to_dict
 from peftlab.core.export import export_peft_adapter
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.placement_map import format_placement_map
-from peftlab.diskio import DiskError, remove_quietly, temporary_path, write_atomic, writing
+from peftlab.diskio import DiskError, write_atomic, write_atomic_by, writing
 from peftlab.errors import UserError
 from peftlab.inputs.data import TaskData, load_task_data
 from peftlab.inputs.model_cache import BaseModelCache
-from peftlab.inputs.models import CAUSAL_TASKS, LoadedModel, load_model, load_tokenizer
+from peftlab.inputs.models import LoadedModel, load_model, load_tokenizer
 from peftlab.locking import folder_lock
 from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
 from peftlab.run.evaluate import generate_samples
@@ -278,14 +277,7 @@ def _save_trained(model: torch.nn.Module, prepared: Prepared, out_dir: Path, sou
         return Artifact("none", None, size, "full fine-tuning: size of all weights")
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     target = out_dir / "trainable.safetensors"
-    temporary = temporary_path(target)
-    with writing(target):
-        try:
-            save_file(tensors, str(temporary))
-            os.replace(temporary, target)
-        except BaseException:
-            remove_quietly(temporary)
-            raise
+    write_atomic_by(target, lambda temporary: save_file(tensors, str(temporary)))
     return Artifact("safetensors", "trainable.safetensors", target.stat().st_size, note or None)
 
 

@@ -81,12 +81,18 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
 
     A wrapped head (LoRA on lm_head) or a head with a bias takes the module-call path instead.
     """
-    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
-        return None
-    head = model.get_output_embeddings()
+    head = separate_head(model)
     if type(head) is not nn.Linear or head.bias is not None:
         return None
     return head
+
+
+def separate_head(model: nn.Module) -> nn.Module | None:
+    """The LM head of a family whose logits are ``head(base_model(...).last_hidden_state)`` and nothing
+    more (_PLAIN_HEAD_TYPES), so it can run on the labelled positions alone; None for any other model."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    return model.get_output_embeddings()
 
 
 def labelled_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +114,10 @@ def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     """
     labels = batch["labels"][:, 1:]  # [B, T-1]
     keep = labels != IGNORE_INDEX  # [B, T-1]
-    if getattr(model.config, "model_type", None) in _PLAIN_HEAD_TYPES and model.get_output_embeddings() is not None:
+    head = separate_head(model)
+    if head is not None:
         body = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        hidden = body.last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+        logits = head(body.last_hidden_state[:, :-1][keep])  # [N, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
     return logits, labels[keep]
