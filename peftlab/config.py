@@ -30,6 +30,9 @@ METHODS = ("lora", "adapter", "partial", "full")
 PLACEMENTS = ("all_linear", "attention_only", "mlp_only", "qv_only")
 SCHEDULES = ("uniform", "linear_decay", "attention_heavy", "empirical", "custom", "budget")
 SCHEDULERS = ("cosine", "linear", "constant")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16")
+QUANTIZATIONS = ("nf4", "int8")  # method.quantize_base, besides null
 
 
 def _require(condition: bool, message: str) -> None:
@@ -140,6 +143,10 @@ class MethodConfig:
     # Partial fine-tuning (seed 001's "simple fine-tuning")
     last_n: int = 0  # train the last N transformer blocks
     bitfit: bool = False  # train biases only (Ben Zaken et al. 2021)
+    # QLoRA (Dettmers et al. 2023, arXiv:2305.14314): load the frozen base through bitsandbytes, nf4
+    # (4-bit NormalFloat, double quantization, bf16 compute) or int8, and train fp32 LoRA on top.
+    # Needs a CUDA GPU and `pip install 'peftlab[qlora]'`; no DoRA, no fused-slice placements.
+    quantize_base: str | None = None  # null | nf4 | int8
     # The head: always trained for classification (it is new); None elsewhere means frozen, since a
     # causal LM's head is usually tied to the token embeddings (True trains it, embeddings included).
     train_head: bool | None = None
@@ -158,13 +165,19 @@ class MethodConfig:
         _require(self.activation in ("gelu", "relu", "silu", "tanh"),
                  _choice_message("method.activation", self.activation, ("gelu", "relu", "silu", "tanh")))
         _require(self.last_n >= 0, f"method.last_n must be >= 0, got {self.last_n}")
+        _require(self.quantize_base is None or self.quantize_base in QUANTIZATIONS,
+                 _choice_message("method.quantize_base", self.quantize_base, ("null", *QUANTIZATIONS)))
+        # DoRA's magnitude needs the base weight's row norms at every step: not on a packed weight.
+        _require(not (self.dora and self.quantize_base), f"method.dora=True with method.quantize_base="
+                 f"{self.quantize_base!r}: DoRA on a quantized base is not supported; drop one of the two")
 
 
 # What each method reads from MethodConfig, besides ``name`` and ``train_head`` (every method reads
 # those). Anything else set away from its default is refused for that method (``unused_method_fields``)
 # instead of silently ignored: an adapter run with ``placement: attention_only`` adapts every block.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "lora": ("placement", "layers", "targets", "ranks", "alpha", "alpha_policy", "rslora", "dora", "dropout"),
+    "lora": ("placement", "layers", "targets", "ranks", "alpha", "alpha_policy", "rslora", "dora", "dropout",
+             "quantize_base"),
     "adapter": ("layers", "adapter_variant", "bottleneck", "activation"),
     "partial": ("last_n", "bitfit"),
     "full": (),
@@ -220,7 +233,15 @@ class TrainConfig:
     log_every: int = 1
     save_every: int | None = 50  # checkpoint every N steps (and on Ctrl-C); None: only on Ctrl-C
     device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    # The dtype the frozen base weights load in (peftlab.run.precision): auto = bf16 on a CUDA GPU that
+    # supports it (fp32 when precision is fp32), fp32 elsewhere. Trained parameters stay fp32 whatever
+    # this says. fp16 has no loss scaling here: an overflow stops the run as diverged; prefer bf16.
+    base_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    # Autocast: auto = the base dtype when it is bf16/fp16, else bf16 on CUDA and none elsewhere;
+    # fp32 = none (refused on a bf16/fp16 base); bf16 = bf16 autocast.
+    precision: str = "auto"  # auto | fp32 | bf16
+    # Recompute each block's activations in backward instead of keeping them: less memory, more compute.
+    gradient_checkpointing: bool = False
     train_eval_size: int = 0  # also evaluate the final model on this many training examples (train accuracy)
     num_samples: int = 3  # instruction runs: generated samples to record
     max_new_tokens: int = 48
@@ -244,8 +265,17 @@ class TrainConfig:
         _require(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
         _require(self.device in ("auto", "cpu", "cuda", "mps"),
                  _choice_message("train.device", self.device, ("auto", "cpu", "cuda", "mps")))
-        _require(self.precision in ("auto", "fp32", "bf16"),
-                 _choice_message("train.precision", self.precision, ("auto", "fp32", "bf16")))
+        _require(self.precision in PRECISIONS, _choice_message("train.precision", self.precision, PRECISIONS))
+        _require(self.base_dtype in BASE_DTYPES, _choice_message("train.base_dtype", self.base_dtype, BASE_DTYPES))
+        half = self.base_dtype in ("bf16", "fp16")
+        # fp32 compute on a half base would feed bf16/fp16 activations into the fp32 trained layers.
+        _require(not (half and self.precision == "fp32"),
+                 f"train.precision=fp32 with train.base_dtype={self.base_dtype}: fp32 compute on a half-precision "
+                 f"base mixes dtypes in the fp32 trained layers; use precision: auto (autocast in "
+                 f"{self.base_dtype}) or base_dtype: fp32")
+        _require(not (self.base_dtype == "fp16" and self.precision == "bf16"),
+                 "train.precision=bf16 with train.base_dtype=fp16: autocast must match the base dtype; use "
+                 "precision: auto (fp16 autocast) or base_dtype: bf16")
 
 
 @dataclass
@@ -260,6 +290,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.task in TASKS, _choice_message("task", self.task, TASKS))
         _require(bool(self.model), "model must name an alias, a hub id or a local dir")
+        # Static only: whether this machine has a GPU and bitsandbytes is checked where the model loads
+        # (a sweep may be planned on one machine and run on GPU workers).
+        quantize = self.method.quantize_base
+        _require(quantize is None or self.train.device in ("auto", "cuda"),
+                 f"method.quantize_base={quantize!r} (QLoRA) needs a CUDA GPU, but train.device={self.train.device}; "
+                 "use train.device: auto or cuda, or method.quantize_base: null")
 
 
 def did_you_mean(value: object, choices: Sequence[str], *, quote: bool = True, prefix: str = "") -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 import yaml
 from test_report import _write_run
 from test_run import _alpaca, _config, _reviews
@@ -32,6 +34,8 @@ from peftlab.cli import main
 from peftlab.study.sweep import expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
+# QLoRA needs a CUDA GPU and bitsandbytes: where either is missing, a QLoRA run is a bad input too.
+QLORA_RUNS_HERE = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 HOLDER = """
 import sys
 from peftlab.locking import folder_lock
@@ -375,6 +379,26 @@ CASES = [
     Case("sweep-base-field-read-by-none", _sweep_with({"full": {"method.name": "full"},
                                                        "last2": {"method.name": "partial", "method.last_n": 2}}),
          "strategy full: method.ranks.r=2 is not used by method full (only by lora)"),
+    # precision, base dtype and QLoRA (run/precision.py, method.quantize_base)
+    Case("base-dtype-unknown", _set("train.base_dtype=float16"),
+         "train.base_dtype='float16' is not one of auto, fp32, bf16, fp16"),
+    Case("fp32-compute-on-bf16-base", _set("train.base_dtype=bf16", "train.precision=fp32"),
+         "train.precision=fp32 with train.base_dtype=bf16: fp32 compute on a half-precision base"),
+    Case("bf16-autocast-on-fp16-base", _set("train.base_dtype=fp16", "train.precision=bf16"),
+         "train.precision=bf16 with train.base_dtype=fp16: autocast must match the base dtype"),
+    Case("gradient-checkpointing-not-bool", _set("train.gradient_checkpointing=sometimes"),
+         "train.gradient_checkpointing must be bool, got 'sometimes'"),
+    Case("quantize-base-unknown", _set("method.quantize_base=nf8"),
+         "method.quantize_base='nf8' is not one of null, nf4, int8 (did you mean 'nf4'?)"),
+    Case("quantize-base-with-dora", _set("method.quantize_base=nf4", "method.dora=true"),
+         "method.dora=True with method.quantize_base='nf4': DoRA on a quantized base is not supported"),
+    Case("quantize-base-on-cpu-device", _set("method.quantize_base=int8", "train.device=cpu"),
+         "method.quantize_base='int8' (QLoRA) needs a CUDA GPU, but train.device=cpu"),
+    *[Case(f"{name}-with-quantize-base", _method({"name": name, **fields, "quantize_base": "nf4"}),
+           f"method.quantize_base='nf4' is not used by method {name} (only by lora)")
+      for name, fields in (("adapter", {}), ("partial", {"last_n": 1}), ("full", {}))],
+    *([Case("quantize-base-without-gpu-or-bitsandbytes", _set("method.quantize_base=nf4"),
+            "method.quantize_base='nf4' (QLoRA) needs")] if not QLORA_RUNS_HERE else []),
     # a model whose weights cannot be loaded safely
     Case("pickle-model", _pickle_model, "pickle file that torch refuses to load as plain tensors"),
     # a full or read-only disk

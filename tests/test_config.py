@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from peftlab.config import RunConfig, apply_overrides, from_dict, load_config
 from peftlab.errors import UserError
@@ -105,3 +106,69 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         load_config(path)
     assert str(error.value) == f"config file {path} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"
+
+
+# --- base dtype, precision, gradient checkpointing, QLoRA ------------------------------------------
+
+
+@pytest.mark.parametrize("train, fragment", [
+    ({"base_dtype": "half"}, "train.base_dtype='half' is not one of auto, fp32, bf16, fp16"),
+    ({"base_dtype": "bf16", "precision": "fp32"}, "train.precision=fp32 with train.base_dtype=bf16"),
+    ({"base_dtype": "fp16", "precision": "fp32"}, "train.precision=fp32 with train.base_dtype=fp16"),
+    ({"base_dtype": "fp16", "precision": "bf16"}, "train.precision=bf16 with train.base_dtype=fp16"),
+    ({"precision": "fp16"}, "train.precision='fp16' is not one of auto, fp32, bf16"),
+    ({"gradient_checkpointing": "yes"}, "train.gradient_checkpointing must be bool, got 'yes'"),
+])
+def test_bad_precision_settings_are_one_line_errors(train, fragment):
+    with pytest.raises(UserError) as error:
+        from_dict(RunConfig, {"train": train})
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("base_dtype, precision", [
+    ("auto", "auto"), ("auto", "fp32"), ("auto", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"),
+    ("bf16", "auto"), ("bf16", "bf16"), ("fp16", "auto"),
+])
+def test_consistent_precision_settings_load(base_dtype, precision):
+    config = from_dict(RunConfig, {"train": {"base_dtype": base_dtype, "precision": precision,
+                                             "gradient_checkpointing": True}})
+    assert (config.train.base_dtype, config.train.precision, config.train.gradient_checkpointing) == (
+        base_dtype, precision, True)
+
+
+def test_precision_defaults():
+    train = from_dict(RunConfig, {}).train
+    assert (train.base_dtype, train.precision, train.gradient_checkpointing) == ("auto", "auto", False)
+    assert from_dict(RunConfig, {}).method.quantize_base is None
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8", None])
+def test_quantize_base_takes_its_choices_for_lora(tmp_path, quantize):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"method: {{name: lora, quantize_base: {quantize if quantize else 'null'}}}\n")
+    assert load_config(path).method.quantize_base == quantize
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"method": {"quantize_base": "4bit"}}, "method.quantize_base='4bit' is not one of null, nf4, int8"),
+    ({"method": {"quantize_base": "int4"}}, "(did you mean 'int8'?)"),
+    ({"method": {"quantize_base": True}}, "method.quantize_base must be str, got True"),
+    ({"method": {"quantize_base": "nf4", "dora": True}}, "DoRA on a quantized base is not supported"),
+    ({"method": {"quantize_base": "nf4"}, "train": {"device": "cpu"}},
+     "method.quantize_base='nf4' (QLoRA) needs a CUDA GPU, but train.device=cpu"),
+    ({"method": {"quantize_base": "int8"}, "train": {"device": "mps"}}, "but train.device=mps"),
+])
+def test_bad_quantize_base_is_a_one_line_error(data, fragment):
+    with pytest.raises(UserError) as error:
+        from_dict(RunConfig, data)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("method", [{"name": "adapter"}, {"name": "partial", "last_n": 1}, {"name": "full"}])
+def test_quantize_base_is_refused_for_methods_that_do_not_read_it(tmp_path, method):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": {**method, "quantize_base": "nf4"}}))
+    with pytest.raises(UserError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"method.quantize_base='nf4' is not used by method {method['name']} "
+                                       "(only by lora)")

@@ -41,7 +41,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.core.methods.lora import LoRALinear, apply_lora, lora_modules, unload_lora, weight_as_out_in
+from peftlab.core.methods.lora import (
+    LoRALinear,
+    apply_lora,
+    linear_features,
+    lora_modules,
+    quantized_kind,
+    unload_lora,
+)
 from peftlab.core.modelmap import LinearSite, build_model_map
 from peftlab.core.placement import Target
 from peftlab.errors import UserError
@@ -364,7 +371,7 @@ def _targets(model: nn.Module, lora: Mapping[str, Mapping[str, Tensor]], ranks: 
 def _unmapped_site(name: str, module: nn.Module) -> LinearSite:
     """A site for a linear the model map leaves out (e.g. BERT's pooler): peft may adapt any linear."""
     try:
-        out_features, in_features = weight_as_out_in(module).shape
+        in_features, out_features = linear_features(module)
     except TypeError:
         raise UserError(f"the adapter adapts {name}, a {type(module).__name__}; peftlab LoRA wraps linear "
                         "layers only") from None
@@ -396,8 +403,14 @@ def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, 
 
     Works on a deep copy by default, so ``model`` keeps its (unmerged) LoRA modules at the cost of a
     second copy in memory; ``in_place=True`` merges and unloads ``model`` itself instead. This is the
-    export for anything peft cannot express, such as fused-slice LoRA.
+    export for anything peft cannot express, such as fused-slice LoRA. A quantized base (QLoRA) is
+    refused: merging would requantize it; export the adapter and merge it into the unquantized base.
     """
+    quantized = sorted({kind for module in model.modules() if (kind := quantized_kind(module)) is not None})
+    if quantized:
+        raise UserError(f"the base model is quantized ({', '.join(quantized)}), so merged weights would be "
+                        "requantized (lossy); export the adapter (export_peft_adapter), then load the base "
+                        "unquantized, import_peft_adapter and export_merged there")
     # Checked before anything is touched: bottleneck adapters add layers that no base weight can absorb.
     leftovers = sorted({type(m).__name__ for m in model.modules()
                         if type(m).__module__.startswith("peftlab.") and not isinstance(m, LoRALinear)})

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from peftlab.config import CAUSAL_TASKS, TASKS
+from peftlab.core.methods.lora import QUANTIZED_LINEARS, require_quantization_support
 from peftlab.core.modelmap import split_new_weights
 from peftlab.errors import UserError
 from peftlab.inputs import assets
@@ -36,25 +37,53 @@ class LoadedModel:
 
 
 def load_model(name: str, task: str, *, num_labels: int | None = None, label_names: list[str] | None = None,
-               dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, tokenizer: Any = None, quantize: str | None = None) -> LoadedModel:
     """Load model + tokenizer for ``task`` (instruction | causal_lm | classification).
 
     Classification needs ``num_labels`` or ``label_names`` (names fix id2label/label2id).
     ``tokenizer``: this model's, already loaded (a run loads it first, to tokenize the data that
     decides the label count); it is used instead of reading it again.
+    ``dtype``: of the weights (peftlab.run.precision.resolve_base_dtype). ``quantize`` (QLoRA's
+    method.quantize_base, nf4 | int8): linears load quantized by bitsandbytes straight onto the current
+    CUDA GPU (the model is then already on its device); no GPU or no bitsandbytes is a UserError raised
+    before anything is read.
     """
+    quantization = _quantization_kwargs(quantize)
     auto = _auto_class(task)
     location, kind = _resolve(name)
     tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else _load_tokenizer(name, location, kind)
     if task in CAUSAL_TASKS:
         with _user_errors(name, kind):
-            model = auto.from_pretrained(location, dtype=dtype)
+            model = auto.from_pretrained(location, dtype=dtype, **quantization)
         return LoadedModel(model, tokenizer, location)
-    model, new = _load_classifier(name, location, kind, _label_kwargs(num_labels, label_names), dtype)
+    model, new = _load_classifier(name, location, kind, _label_kwargs(num_labels, label_names), dtype, quantization)
     # Decoder classifiers pool the last token that is not config.pad_token_id; batches are padded
     # with the tokenizer's pad id, so the two must agree (a config may carry another or none).
     model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, location, new)
+
+
+def _quantization_kwargs(quantize: str | None) -> dict[str, Any]:
+    """from_pretrained's bitsandbytes arguments for QLoRA (Dettmers et al. 2023); {} for no quantization.
+
+    nf4: 4-bit NormalFloat with double quantization (the quantization constants quantized too) and
+    bf16 compute, the paper's setting; int8: LLM.int8. Refused (one line) where this machine lacks a
+    CUDA GPU or bitsandbytes, before any weights are read.
+    """
+    if quantize is None:
+        return {}
+    if quantize not in QUANTIZED_LINEARS:
+        raise UserError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZED_LINEARS)}")
+    require_quantization_support(quantize)
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # bitsandbytes quantizes while it places weights on the GPU: the whole model goes to the current one.
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def load_tokenizer(name: str) -> Any:
@@ -184,14 +213,14 @@ def _label_kwargs(num_labels: int | None, label_names: list[str] | None) -> dict
             "label2id": {label: i for i, label in enumerate(names)}}
 
 
-def _load_classifier(name: str, location: str, kind: str, labels: dict[str, Any],
-                     dtype: torch.dtype) -> tuple[Any, tuple[str, ...]]:
+def _load_classifier(name: str, location: str, kind: str, labels: dict[str, Any], dtype: torch.dtype,
+                     quantization: dict[str, Any]) -> tuple[Any, tuple[str, ...]]:
     """Load with transformers' multi-line load report silenced; report the new head in one line."""
     auto = _auto_class("classification")
     with _user_errors(name, kind), _quiet_load_report():
         # ignore_mismatched_sizes: a checkpoint's own head with another label count is re-initialised.
         model, info = auto.from_pretrained(location, dtype=dtype, output_loading_info=True,
-                                           ignore_mismatched_sizes=True, **labels)
+                                           ignore_mismatched_sizes=True, **labels, **quantization)
     fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     # The same split the model map makes: these head weights are what prepare trains as the head.
     head, body = split_new_weights(model, fresh)

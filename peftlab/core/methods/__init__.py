@@ -14,7 +14,7 @@ from peftlab.config import MethodConfig
 from peftlab.core import placement
 from peftlab.core import ranks as rank_schedules
 from peftlab.core.methods.adapter import apply_adapters
-from peftlab.core.methods.lora import apply_lora
+from peftlab.core.methods.lora import apply_lora, check_quantized_base
 from peftlab.core.methods.partial import apply_full, apply_partial, set_head_trainable
 from peftlab.core.modelmap import ModelMap
 from peftlab.core.params import count_params
@@ -46,6 +46,8 @@ def prepare(model: nn.Module, cfg: MethodConfig, model_map: ModelMap, *, train_h
     usually tied to the token embeddings, so training it is opt-in.
     """
     train_head = train_head or bool(cfg.train_head)
+    if cfg.quantize_base is not None:  # before anything is touched: QLoRA on an unquantized base is refused
+        check_quantized_base(model, cfg.quantize_base)
     model.requires_grad_(False)
     if train_head:  # first, so that a budget schedule counts the head among what the method trains
         set_head_trainable(model, model_map)

@@ -1,5 +1,8 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) and DoRA (Liu et al. 2024, arXiv:2402.09353), from scratch.
 
+Long because LoRA on a quantized base (QLoRA) is the same wrapper reading its base weight another way:
+the bitsandbytes helpers (which layers are quantized, their dense weight, what QLoRA needs) sit beside it.
+
 A ``LoRALinear`` wraps one frozen ``nn.Linear`` or GPT-2 ``Conv1D`` and adds a trainable low-rank
 update ``delta_W = scaling * B @ A`` to (some of) its output rows:
 
@@ -12,12 +15,21 @@ Fused-slice LoRA: for a fused projection (GPT-2 ``c_attn`` = [q | k | v]) a ``Ta
 some slices. ``out_index`` then lists the adapted output rows (in ``Target.out_runs()`` order, which is
 also the row order of ``lora_B``); the other rows get exactly zero update and cost no parameters.
 Strided layouts (GPT-NeoX per-head interleaving) are just a non-contiguous ``out_index``.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314): the wrapped module may be a bitsandbytes ``Linear4bit``
+(nf4) or ``Linear8bitLt`` (int8). Its weight is packed, so shapes come from ``in_features`` /
+``out_features``, ``base(x)`` computes the base output, and the dense weight is read by dequantizing
+(``dequantized_weight``). A and B stay fp32 and export as usual; merging in place would requantize the
+base (lossy, not undoable), so it is refused, and so are DoRA and fused slices on a quantized base.
+bitsandbytes is optional: layers are recognised by class name and it is imported only to dequantize.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +39,32 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.core.placement import Target
 from peftlab.errors import UserError
 
+# bitsandbytes' quantized linears, by the method.quantize_base value that loads a base with them.
+QUANTIZED_LINEARS = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
+BNB_MIN_VERSION = (0, 43)
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """"Linear4bit" or "Linear8bitLt" for a bitsandbytes quantized linear (or a subclass), else None.
+
+    By class name and defining module, so that core never imports bitsandbytes (optional, CUDA only).
+    """
+    for klass in type(module).__mro__:
+        if klass.__module__.startswith("bitsandbytes") and klass.__name__ in QUANTIZED_LINEARS.values():
+            return klass.__name__
+    return None
+
 
 def weight_as_out_in(module: nn.Module) -> Tensor:
     """The weight of ``module`` as [out_features, in_features]: the one fan_in_fan_out helper.
 
     ``nn.Linear`` stores [out, in]; GPT-2's ``Conv1D`` stores [in, out] (y = x @ W + b), so it is
-    transposed. The result is a view: in-place writes to it write the module's weight.
+    transposed. The result is a view: in-place writes to it write the module's weight. A bitsandbytes
+    layer (an nn.Linear subclass) has no such view: its weight is packed (see ``dequantized_weight``).
     """
+    kind = quantized_kind(module)
+    if kind is not None:
+        raise TypeError(f"a bitsandbytes {kind} packs its weight; read it with dequantized_weight")
     if isinstance(module, Conv1D):
         return module.weight.T
     if isinstance(module, nn.Linear):
@@ -41,10 +72,74 @@ def weight_as_out_in(module: nn.Module) -> Tensor:
     raise TypeError(f"LoRA wraps nn.Linear or transformers Conv1D, not {type(module).__name__}")
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D."""
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or bitsandbytes quantized linear."""
+    if quantized_kind(module) is not None:  # the packed weight's shape is not [out, in]
+        return module.in_features, module.out_features
     out_features, in_features = weight_as_out_in(module).shape
     return in_features, out_features
+
+
+def dequantized_weight(module: nn.Module) -> Tensor:
+    """A bitsandbytes linear's weight as a dense [out, in] tensor (a new tensor, not a view).
+
+    4-bit: bitsandbytes' ``dequantize_4bit`` with the weight's quant_state (nf4 blocks, double
+    quantization included). 8-bit (LLM.int8, row-wise absmax): each int8 row times its scale SCB / 127,
+    as peft does (``int8_vectorwise_dequant`` in bitsandbytes >= 0.45). A weight not quantized yet (still
+    on the CPU, before bitsandbytes moved it to the GPU) is returned as it is.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    weight = module.weight
+    if quantized_kind(module) == "Linear4bit":
+        state = getattr(weight, "quant_state", None)
+        return weight.data if state is None else bnb_functional.dequantize_4bit(weight.data, state)
+    if weight.dtype != torch.int8:
+        return weight.data
+    scale = module.state.SCB if module.state.SCB is not None else weight.SCB  # [out]
+    if hasattr(bnb_functional, "int8_vectorwise_dequant"):
+        return bnb_functional.int8_vectorwise_dequant(weight.data, scale.to(weight.device))
+    return weight.data * scale.to(weight.device).view(-1, 1) / 127
+
+
+def require_quantization_support(quantize: str) -> None:
+    """What QLoRA needs on this machine, a CUDA GPU and bitsandbytes >= 0.43; what is missing is one UserError.
+
+    Called before any weights load (inputs.models.load_model) and again by ``prepare``.
+    """
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch sees none on this machine)")
+    version = _installed_version("bitsandbytes")
+    if version is None:
+        missing.append("bitsandbytes (not installed: pip install 'peftlab[qlora]')")
+    elif tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < BNB_MIN_VERSION:
+        missing.append(f"bitsandbytes>=0.43 (found {version}: pip install -U 'peftlab[qlora]')")
+    if missing:
+        raise UserError(f"method.quantize_base={quantize!r} (QLoRA) needs {' and '.join(missing)}; "
+                        "set method.quantize_base: null to train the unquantized base")
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_quantized_base(model: nn.Module, quantize: str) -> None:
+    """Refuse ``quantize`` when ``model`` was not loaded quantized that way: the setting is never silently ignored.
+
+    A meta-device skeleton (``peftlab inspect``) passes: where LoRA goes does not depend on quantization.
+    """
+    if any(parameter.is_meta for parameter in model.parameters()):
+        return
+    wanted = QUANTIZED_LINEARS[quantize]
+    if any(quantized_kind(module) == wanted for module in model.modules()):
+        return
+    require_quantization_support(quantize)  # the usual reason, in its own words
+    raise UserError(f"method.quantize_base={quantize!r} but the base model holds no bitsandbytes {wanted} layers; "
+                    f"load it with load_model(..., quantize={quantize!r})")
 
 
 def _rows_from_runs(runs: Sequence[tuple[int, int]], out_features: int, device: torch.device) -> Tensor | None:
@@ -72,7 +167,8 @@ class LoRALinear(nn.Module):
     ([adapted_out_features], which is [out_features] when the whole output is adapted); the other
     rows are untouched, exactly as if their magnitude were frozen at its initial value.
 
-    LoRA parameters are fp32 on the base weight's device (which may be ``meta``).
+    LoRA parameters are fp32 on the base weight's device (which may be ``meta``). A quantized base
+    (bitsandbytes, see the module docstring) takes plain LoRA on whole modules only.
     """
 
     def __init__(self, base: nn.Module, target: Target, r: int, alpha: float, *, dropout: float = 0.0,
@@ -80,11 +176,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"{target.name}: LoRA rank must be >= 1, got {r}")
-        self.in_features, self.out_features = _features(base)
+        self.in_features, self.out_features = linear_features(base)
         if (self.in_features, self.out_features) != (target.site.in_features, target.site.out_features):
             raise ValueError(f"{target.name}: module is {self.in_features}->{self.out_features}, the model map "
                              f"says {target.site.in_features}->{target.site.out_features}")
-        weight = weight_as_out_in(base)  # [out, in]
+        self.quantized = quantized_kind(base)  # "Linear4bit" | "Linear8bitLt" | None
+        device = base.weight.device
         self.base = base.requires_grad_(False)
         self.r = r
         self.alpha = float(alpha)
@@ -93,10 +190,12 @@ class LoRALinear(nn.Module):
         self.slices = target.slices
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapted output rows [adapted_out]; None = every row. Non-persistent: rebuilt from the target.
-        self.register_buffer("out_index", _rows_from_runs(target.out_runs(), self.out_features, weight.device),
+        self.register_buffer("out_index", _rows_from_runs(target.out_runs(), self.out_features, device),
                              persistent=False)
+        if self.quantized is not None:
+            _refuse_on_quantized(target, self.quantized, dora=dora, sliced=self.out_index is not None)
         adapted_out = self.out_features if self.out_index is None else len(self.out_index)
-        factory = {"device": weight.device, "dtype": torch.float32}
+        factory = {"device": device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(adapted_out, r, **factory))  # [adapted_out, r]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -117,8 +216,9 @@ class LoRALinear(nn.Module):
     # --- pieces ------------------------------------------------------------------------------
 
     def _base_rows(self) -> Tensor:
-        """The base weight's adapted rows, [adapted_out, in] (a view when all rows are adapted)."""
-        weight = weight_as_out_in(self.base)
+        """The base weight's adapted rows, [adapted_out, in] (a view when all rows are adapted and the
+        base is not quantized; a dequantized copy when it is)."""
+        weight = dequantized_weight(self.base) if self.quantized else weight_as_out_in(self.base)
         return weight if self.out_index is None else weight.index_select(0, self.out_index)
 
     def _lora_rows(self) -> Tensor:
@@ -184,7 +284,10 @@ class LoRALinear(nn.Module):
         return full.index_copy(0, self.out_index, rows)
 
     def merged_rows(self) -> Tensor:
-        """The merged weight's adapted rows [adapted_out, in] fp32: W + dW, or DoRA's m * (W + dW) / ||W + dW||."""
+        """The merged weight's adapted rows [adapted_out, in] fp32: W + dW, or DoRA's m * (W + dW) / ||W + dW||.
+
+        On a quantized base W is the dequantized weight, so this is what a merge would compute densely.
+        """
         combined = self._base_rows().float() + self._lora_rows()
         if self.magnitude is None:
             return combined
@@ -195,6 +298,10 @@ class LoRALinear(nn.Module):
         """Write the update into the base weight; forward then runs the base layer alone. Idempotent."""
         if self.merged:
             return
+        if self.quantized is not None:  # W + dW requantized is neither W + dW nor undoable bit for bit
+            raise UserError(f"cannot merge LoRA into a quantized base ({self.quantized}) in place: it would "
+                            "requantize the weight (lossy, not undoable); save the adapter (peft format) and merge "
+                            "it into the unquantized base model (method.quantize_base: null)")
         self._unmerged_rows = self._base_rows().clone()
         self._write_rows(self.merged_rows())
         self.merged = True
@@ -224,6 +331,16 @@ class LoRALinear(nn.Module):
         if self.magnitude is not None:
             parts.append("dora=True")
         return ", ".join(parts)
+
+
+def _refuse_on_quantized(target: Target, kind: str, *, dora: bool, sliced: bool) -> None:
+    """DoRA and fused slices read and rewrite the dense base weight: not supported on a packed one."""
+    if dora:
+        raise UserError(f"{target.name}: DoRA on a quantized base ({kind}) is not supported; set method.dora: false "
+                        "or method.quantize_base: null")
+    if sliced:
+        raise UserError(f"{target.name}: fused-slice LoRA (slices {','.join(target.slices or ())}) on a quantized "
+                        f"base ({kind}) is not supported; adapt whole modules or set method.quantize_base: null")
 
 
 # --- model-level operations -------------------------------------------------------------------
