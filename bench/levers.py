@@ -48,14 +48,9 @@ from peftlab.inputs.data import TaskData, batches, split_by_tokens  # noqa: E402
 from peftlab.inputs.models import load_model  # noqa: E402
 from peftlab.run.evaluate import evaluate  # noqa: E402
 from peftlab.run.losses import IGNORE_INDEX, full_logits_loss_sum, labelled_logits, loss_sum  # noqa: E402
+from peftlab.run.optimizer import build_optimizer, trainable_named_parameters  # noqa: E402
 from peftlab.run.resources import peak_memory, reset_peak_memory, seed_everything  # noqa: E402
-from peftlab.run.train import (  # noqa: E402
-    StepOptions,
-    accumulate_gradients,
-    build_optimizer,
-    optimizer_step,
-    trainable_named_parameters,
-)
+from peftlab.run.train import StepOptions, accumulate_gradients, optimizer_step  # noqa: E402
 
 SHIPPED = StepOptions()  # peftlab's loss and batch splitter, as every run uses them
 CPU = torch.device("cpu")

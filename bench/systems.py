@@ -30,9 +30,10 @@ from peftlab.core.params import count_params
 from peftlab.inputs.data import IGNORE_INDEX, TaskData, batches, collate, load_task_data
 from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.run.evaluate import evaluate
+from peftlab.run.precision import autocast_for
 from peftlab.run.resources import peak_memory, reset_peak_memory
 from peftlab.run.tracking import MetricsLog
-from peftlab.run.train import autocast_for, train
+from peftlab.run.train import train
 
 SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +82,7 @@ def eval_loss(model: nn.Module, data: TaskData, spec: Spec, pad_id: int, device:
     """The one eval: peftlab.run.evaluate (token-weighted) on the same unshuffled batches for every system."""
     stream = ({k: v.to(device) for k, v in b.items()}
               for b in batches(data.eval, spec.batch_size, pad_id=pad_id, seed=spec.seed, epoch=0, shuffle=False))
-    return evaluate(model, stream, "instruction", autocast_for(device, "auto")).loss
+    return evaluate(model, stream, "instruction", autocast_for(device, TrainConfig())).loss
 
 
 def _sync(device: torch.device) -> None:

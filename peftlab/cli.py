@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from peftlab import messages
-from peftlab.config import METHODS, PLACEMENTS, TASKS, MethodConfig, RankConfig, load_config
+from peftlab.config import METHODS, PLACEMENTS, TASKS, MethodConfig, RankConfig, RunConfig, load_config
 from peftlab.errors import UserError
 
 EXECUTORS = ("local", "ray")  # where a sweep's trials run (peftlab.study.executors)
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key by dotted path, e.g. train.max_steps=5 (repeatable)")
     run.add_argument("--out", help="output directory (default: runs/<config name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="processes (GPUs) for this one run: launches torchrun --nproc_per_node N (data parallel)")
     run.set_defaults(handler=_run)
 
     inspect = commands.add_parser("inspect", help="print the placement map of a method on a model")
@@ -71,10 +75,39 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.nproc != 1:
+        return _launch_torchrun(args, config, out)
     summary = run_experiment(config, out, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0 if summary.status == "completed" else 1
     print(format_summary_table(summary))
     print(f"\nresults in {out}/ (summary.json, metrics.jsonl, train.log)")
     return 0 if summary.status == "completed" else 1
+
+
+def _launch_torchrun(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
+    """``peftlab run --nproc N``: the same command under torchrun (one node), after checking what can be
+    checked here, so a mistake is one line instead of N processes' tracebacks."""
+    from peftlab.run.folder import check_out_dir
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc inside torchrun: run either `torchrun --nproc_per_node N -m peftlab run ...` "
+                        "or `peftlab run ... --nproc N`, not both")
+    if check_out_dir(config, out, args.resume) is not None:
+        print(f"{out} holds a finished run; nothing to do", file=sys.stderr)
+        return 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "peftlab", "run", args.config, "--out", str(out)]
+    command += [item for text in args.overrides for item in ("--set", text)]
+    command += ["--resume"] if args.resume else []
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: wait while they save a checkpoint and stop
+            continue
 
 
 def format_summary_table(summary: RunSummary) -> str:

@@ -116,6 +116,15 @@ def test_resolve_base_dtype(base_dtype, precision, device, bf16_supported, expec
     assert resolve_base_dtype(TrainConfig(base_dtype=base_dtype, precision=precision), device) == expected
 
 
+@pytest.mark.parametrize("method, expected", [("lora", BF16), ("adapter", BF16), ("full", torch.float32),
+                                              ("partial", torch.float32)])
+def test_auto_keeps_an_fp32_base_for_methods_that_train_it(method, expected, monkeypatch):
+    """Full and partial runs train base weights in fp32: a bf16 load would only round their start."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_base_dtype(TrainConfig(), CUDA, method) == expected
+    assert resolve_base_dtype(TrainConfig(base_dtype="bf16"), CUDA, method) == BF16  # asked for: given
+
+
 @pytest.mark.parametrize("base_dtype, precision, device, bf16_supported, expected", [
     ("auto", "auto", CPU, True, None),  # as before: no autocast on CPU ...
     ("fp32", "auto", CUDA, True, BF16),  # ... and bf16 autocast on CUDA

@@ -9,15 +9,9 @@ from peftlab.config import MethodConfig, RankConfig, TrainConfig
 from peftlab.core.methods import prepare
 from peftlab.core.modelmap import build_model_map
 from peftlab.inputs.data import batches, split_by_tokens
+from peftlab.run.optimizer import build_optimizer, build_scheduler, trainable_named_parameters
 from peftlab.run.tracking import MetricsLog
-from peftlab.run.train import (
-    StepOptions,
-    build_optimizer,
-    build_scheduler,
-    optimizer_step,
-    train,
-    trainable_named_parameters,
-)
+from peftlab.run.train import StepOptions, optimizer_step, train
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftlab.inputs.data import encode_prompt
+from peftlab.run.distributed import SINGLE, World, gather_objects, sum_across
 from peftlab.run.losses import LossFn, classification_loss_sum, label_units, loss_sum
 
 
@@ -49,20 +50,23 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str,
-             autocast: "torch.autocast | None" = None, *, loss: LossFn = loss_sum) -> EvalResult:
+             autocast: "torch.autocast | None" = None, *, loss: LossFn = loss_sum, world: World = SINGLE,
+             device: torch.device | None = None) -> EvalResult:
     """Evaluate over ``batches`` (already on the model's device), timed.
 
     ``loss``: the causal tasks' batch loss (classification computes its loss from the logits it
-    needs for accuracy).
+    needs for accuracy). ``world``: with several ranks, ``batches`` are this rank's shares and the
+    sums (and classification's predictions) are combined over all ranks (on ``device``), so every
+    rank returns the result one process would.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = _evaluate(model, batches, task, autocast, loss)
+    result = _evaluate(model, batches, task, autocast, loss, world, device or torch.device("cpu"))
     result.seconds, result.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return result
 
 
 def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str,
-              autocast: "torch.autocast | None", loss: LossFn) -> EvalResult:
+              autocast: "torch.autocast | None", loss: LossFn, world: World, device: torch.device) -> EvalResult:
     was_training = model.training
     model.eval()
     total, units = 0.0, 0
@@ -80,11 +84,14 @@ def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task
         total += float(batch_sum)
         units += batch_units
     model.train(was_training)
+    total, units = sum_across([total, units], world, device)
+    units = int(units)
     if units == 0:
         raise ValueError("the evaluation set has no label tokens")
     mean = total / units
     if task == "classification":
-        predicted, expected = torch.cat(predictions), torch.cat(gold)
+        predicted = torch.tensor(gather_objects(torch.cat(predictions).tolist() if predictions else [], world))
+        expected = torch.tensor(gather_objects(torch.cat(gold).tolist() if gold else [], world))
         return EvalResult(mean, units, accuracy=float((predicted == expected).float().mean()),
                           macro_f1=macro_f1(predicted, expected))
     return EvalResult(mean, units, perplexity=perplexity(mean) if math.isfinite(mean) else None)

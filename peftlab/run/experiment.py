@@ -13,6 +13,9 @@ Output directory:
 
 Nothing but .lock is written before the data, the model and the method are ready (a mistake found while
 loading leaves the folder reusable), and a full or read-only disk stops the run with one line (diskio.py).
+
+Under torchrun (run/distributed.py) every rank runs this function; rank 0 alone checks, locks and
+writes the folder, the others train their share of each batch and write nothing.
 """
 
 from __future__ import annotations
@@ -20,32 +23,35 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from peftlab import messages
 from peftlab.config import CAUSAL_TASKS, RunConfig, config_to_dict
-from peftlab.core.export import export_peft_adapter
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.placement_map import format_placement_map
-from peftlab.diskio import DiskError, write_atomic, write_atomic_by, writing
-from peftlab.errors import UserError
+from peftlab.diskio import write_atomic, writing
 from peftlab.inputs.data import TaskData, load_task_data
 from peftlab.inputs.model_cache import BaseModelCache
 from peftlab.inputs.models import LoadedModel, load_model, load_tokenizer
 from peftlab.locking import folder_lock
+from peftlab.run.artifacts import save_trained
 from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
+from peftlab.run.distributed import World, decided_by_main, join_world, leave_world, max_across
 from peftlab.run.evaluate import generate_samples
 from peftlab.run.folder import FINISHED, check_out_dir, check_reference_dir, holds_training
-from peftlab.run.resources import reset_peak_memory, resolve_device, seed_everything
+from peftlab.run.precision import (
+    autocast_for,
+    enable_gradient_checkpointing,
+    keep_trainable_fp32,
+    resolve_base_dtype,
+)
+from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device, seed_everything
 from peftlab.run.summarize import reference_summary, run_environment, run_summary
 from peftlab.run.summary import SUMMARY_FILE, Artifact, Collapse, RunSummary, write_summary
 from peftlab.run.tracking import MetricsLog
@@ -66,59 +72,97 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     run that ends far worse than where it started is reported as collapsed (see ``check_collapse``).
     """
     out_dir, started = Path(out_dir), time.time()
-    previous = check_out_dir(config, out_dir, resume)  # before the lock: a finished run on read-only media
-    if previous is not None:
-        return previous
-    with folder_lock(out_dir, "run"):  # one process per run folder, held to the end
-        previous = check_out_dir(config, out_dir, resume)  # again: another process may have run meanwhile
+    world, device = join_world(resolve_device(config.train.device))
+    try:
+        # before the lock: a finished run on read-only media
+        previous = decided_by_main(world, lambda: check_out_dir(config, out_dir, resume))
         if previous is not None:
             return previous
-        with messages.routed(echo=echo) as route:  # what loading says goes to this run's log, or nowhere
-            return _run_locked(config, out_dir, resume, route, on_step, model_cache, reference_eval_loss, started)
+        with _main_lock(world, out_dir):  # one process per run folder, held to the end
+            # again: another process may have run meanwhile
+            previous = decided_by_main(world, lambda: check_out_dir(config, out_dir, resume))
+            if previous is not None:
+                return previous
+            with messages.routed(echo=echo and world.is_main) as route:  # loading's messages: this run's log
+                return _run_locked(config, out_dir, resume, route, on_step, model_cache, reference_eval_loss,
+                                   started, world, device)
+    finally:
+        if world.parallel:
+            leave_world()
+
+
+def _main_lock(world: World, out_dir: Path) -> contextlib.AbstractContextManager:
+    """The folder lock, held by rank 0 (the one writer) for the whole run."""
+    return folder_lock(out_dir, "run") if world.is_main else contextlib.nullcontext()
 
 
 def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.Route, on_step: Any,
                 model_cache: BaseModelCache | None, reference_eval_loss: float | None,
-                started: float) -> RunSummary:
+                started: float, world: World, device: torch.device) -> RunSummary:
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
-    device = resolve_device(config.train.device)
-    tokenizer, data, loaded = load_inputs(config, model_cache)
+    tokenizer, data, loaded = load_inputs(config, model_cache, device)
     model = loaded.model
     # the head is what the loader newly initialised (exactly, where it reports it), else found structurally
     model_map = build_model_map(model, strict=config.method.targets is None, new_weights=loaded.new_weights)
     prepared = prepare(model, config.method, model_map, train_head=config.task == "classification")
+    keep_trainable_fp32(model)  # a half-precision base must not pull what trains down with it
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # the run is known to start: only now is the folder written (an attempt that trained nothing is cleared)
-    log = _start(config, out_dir, route, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
+    log = (_start(config, out_dir, route, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
+           if world.is_main else MetricsLog(None, echo=False))
     _log_data_warnings(data, log)
+    if world.parallel:
+        log.message(f"data parallel over {world.size} processes: each takes every {world.size}th row of a batch "
+                    f"of {config.train.batch_size}")
     log.message(f"{config.method.name} on {config.model}: {prepared.trainable_params:,} trainable of "
                 f"{prepared.total_params:,} parameters ({prepared.percent_trainable:.3f}%)")
     if prepared.targets:
         log.message("placement map:\n" + format_placement_map(
             model_map, prepared.targets, prepared.ranks or None,
             trainable_params=prepared.trainable_params, total_params=prepared.total_params))
-    model.to(device)
+    if config.method.quantize_base is None:  # bitsandbytes placed a quantized base on its GPU as it loaded
+        model.to(device)
     gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
-                    device=device, log=log, checkpoint_dir=out_dir, resume=resume, on_step=on_step)
+                    device=device, log=log, checkpoint_dir=out_dir, resume=resume, on_step=on_step, world=world)
     collapse = _mark_collapse(outcome, config.task, model, reference_eval_loss, log)
     if outcome.status == "completed" and config.train.train_eval_size:
         outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
-                                         config.train, tokenizer.pad_token_id, device)
+                                         config.train, tokenizer.pad_token_id, device, world=world)
+    peak_mb = max_across(peak_memory(device)["peak_memory_mb"], world, device)  # training's, the largest rank's
+    if not world.is_main:  # the others' share is done: rank 0 alone generates, saves and writes
+        return _summary_of(config, out_dir, data, prepared, outcome, [], Artifact("none", None, 0, None), device,
+                           started, loaded, collapse, world, peak_mb)
     samples = []
     if outcome.status == "completed" and config.task == "instruction" and config.train.num_samples:
-        samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
-                                   max_new_tokens=config.train.max_new_tokens, device=device)
+        with autocast_for(device, config.train):  # a half base meets fp32 trained layers only under autocast
+            samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
+                                       max_new_tokens=config.train.max_new_tokens, device=device)
     # a diverged or collapsed model is not worth its disk space, nor safe to pick up by mistake
-    artifact = (_save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
+    artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
                 else Artifact("none", None, 0, f"not exported: {outcome.status}"))
-    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started,
-                          run_environment(device, loaded.source, data))
-    summary.collapse = collapse
+    summary = _summary_of(config, out_dir, data, prepared, outcome, samples, artifact, device, started, loaded,
+                          collapse, world, peak_mb)
     summary = write_summary(out_dir / SUMMARY_FILE, summary)
     if outcome.status in FINISHED and has_checkpoint(out_dir):
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary.status}: " + _metrics_line(summary))
+    return summary
+
+
+def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,
+                samples: list, artifact: Artifact, device: torch.device, started: float, loaded: LoadedModel,
+                collapse: Collapse | None, world: World, peak_mb: float) -> RunSummary:
+    """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded."""
+    env = run_environment(device, loaded.source, data)
+    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env)
+    summary.collapse = collapse
+    if world.parallel and summary.resources is not None:
+        env["world_size"] = world.size
+        summary.resources.peak_memory_mb = peak_mb
+        summary.resources.memory_kind = f"{summary.resources.memory_kind}, largest of {world.size} processes"
     return summary
 
 
@@ -185,7 +229,7 @@ def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = T
             return previous
         with messages.routed(echo=echo) as route:
             device = resolve_device(config.train.device)
-            tokenizer, data, loaded = load_inputs(config, model_cache)
+            tokenizer, data, loaded = load_inputs(config, model_cache, device)
             log = _start(config, out_dir, route, stale=("metrics.jsonl", "train.log"))
             _log_data_warnings(data, log)
             return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
@@ -206,13 +250,18 @@ def _evaluate_reference(config: RunConfig, out_dir: Path, log: MetricsLog, devic
     return summary
 
 
-def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None) -> tuple[Any, TaskData, LoadedModel]:
-    """Tokenizer, task data and base model as a run sees them, with any new head drawn from the run's seed."""
+def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None,
+                device: torch.device | None = None) -> tuple[Any, TaskData, LoadedModel]:
+    """Tokenizer, task data and base model as a run sees them, with any new head drawn from the run's seed.
+
+    The base loads in ``train.base_dtype`` for ``device`` (quantized for QLoRA, onto the current GPU)."""
+    dtype = resolve_base_dtype(config.train, device or resolve_device(config.train.device), config.method.name)
     tokenizer = load_tokenizer(config.model)
     data = load_task_data(config.data, config.task, tokenizer)
     load = model_cache.get if model_cache is not None else load_model
     loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names,
-                  tokenizer=tokenizer)  # the one tokenizer of the run: read from disk once
+                  tokenizer=tokenizer, dtype=dtype,  # the one tokenizer of the run: read from disk once
+                  quantize=config.method.quantize_base if config.method.name == "lora" else None)
     seed_everything(config.train.seed)  # the new head's and (after this returns) the adapters' initial weights
     reinitialize(loaded.model, loaded.new_weights)
     return tokenizer, data, loaded
@@ -254,45 +303,6 @@ def reinitialize(model: torch.nn.Module, names: tuple[str, ...]) -> None:
                 parameters[name].normal_(0.0, std)
             else:
                 parameters[name].zero_()
-
-
-def _save_trained(model: torch.nn.Module, prepared: Prepared, out_dir: Path, source: str, task: str) -> Artifact:
-    """Write the trained parameters; return where and how many bytes they take on disk."""
-    if prepared.method == "lora":
-        try:
-            heads = None  # classification heads are saved by export as modules_to_save
-            with _removed_on_failure(out_dir / "adapter"), writing(out_dir / "adapter"):
-                path = export_peft_adapter(model, out_dir / "adapter", base_model_name_or_path=source,
-                                           task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-                                           modules_to_save=heads)
-            return Artifact("peft", "adapter", _dir_bytes(Path(path)))
-        except DiskError:
-            raise
-        except UserError as error:  # fused-slice placements have no peft form
-            note = str(error)
-    else:
-        note = ""
-    if prepared.method == "full":  # the whole model: report its size, do not write a copy per run
-        size = sum(p.numel() * p.element_size() for _, p in model.named_parameters())
-        return Artifact("none", None, size, "full fine-tuning: size of all weights")
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    target = out_dir / "trainable.safetensors"
-    write_atomic_by(target, lambda temporary: save_file(tensors, str(temporary)))
-    return Artifact("safetensors", "trainable.safetensors", target.stat().st_size, note or None)
-
-
-@contextlib.contextmanager
-def _removed_on_failure(folder: Path) -> Iterator[None]:
-    """Remove ``folder`` when the block fails: a half-written adapter must not pass for a saved one."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def _dir_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
 def _metrics_line(summary: RunSummary) -> str:

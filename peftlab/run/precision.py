@@ -28,14 +28,23 @@ from peftlab.errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_base_dtype(train_cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype the frozen base model loads in.
+# Methods that leave every base weight frozen: only for these does auto load the base in bf16. Full and
+# partial fine-tuning train base weights, which are fp32 anyway (keep_trainable_fp32): loading them in
+# bf16 first would only round the starting point.
+FROZEN_BASE_METHODS = ("lora", "adapter")
 
-    auto: bf16 on a CUDA GPU that supports it; fp32 on every other device (as before base dtypes
-    existed) and whenever ``precision`` is fp32 (fp32 compute needs an fp32 base).
+
+def resolve_base_dtype(train_cfg: TrainConfig, device: torch.device, method: str = "lora") -> torch.dtype:
+    """The dtype the base model loads in.
+
+    auto: bf16 on a CUDA GPU that supports it when ``method`` keeps the base frozen; fp32 on every
+    other device (as before base dtypes existed), for full and partial fine-tuning, and whenever
+    ``precision`` is fp32 (fp32 compute needs an fp32 base).
     """
     if train_cfg.base_dtype != "auto":
         return DTYPES[train_cfg.base_dtype]
+    if method not in FROZEN_BASE_METHODS:
+        return torch.float32
     if device.type == "cuda" and train_cfg.precision != "fp32" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -1,8 +1,6 @@
 """The one training loop, for every method: methods differ only in their prepare step.
 
-AdamW over the parameters that require grad (weight decay on dim >= 2 only, as
-nanoGPT's configure_optimizers), optional LoRA+ learning rate for B, warmup then
-cosine / linear / constant, gradient accumulation with exact token weighting,
+The optimizer and schedule of run/optimizer.py, gradient accumulation with exact token weighting,
 clipping, checkpoints and exact resume, and divergence detection: a non-finite
 loss or gradient stops the run and names the step and the parameters, and so does
 a non-finite loss at any evaluation, the final one included.
@@ -14,7 +12,6 @@ and ``accumulate_gradients`` (its forward and backward) take the loss and batch 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,10 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab.config import TrainConfig
-from peftlab.inputs.data import batches, num_batches, split_by_tokens
+from peftlab.inputs.data import batches, split_by_tokens
 from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from peftlab.run.distributed import SINGLE, World, any_across, shard, sum_across, sum_gradients
 from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
+from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
+from peftlab.run.precision import autocast_for
 from peftlab.run.resources import load_average
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
@@ -103,54 +103,6 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
 
 
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The one trainable-parameter rule: requires_grad, as set by the method's prepare step."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; decay only matrices (dim >= 2); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) scales B's lr."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, parameter in trainable_named_parameters(model):
-        is_lora_b = cfg.lora_plus_ratio is not None and name.endswith("lora_B")
-        groups.setdefault((parameter.dim() >= 2, is_lora_b), []).append(parameter)
-    if not groups:
-        raise ValueError("the prepared model has no trainable parameters")
-    param_groups = [
-        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
-         "lr": cfg.lr * (cfg.lora_plus_ratio if is_lora_b else 1.0)}
-        for (decay, is_lora_b), params in groups.items()
-    ]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ceil(warmup_ratio * total) steps, then cosine / linear decay to 0, or constant.
-
-    Same shape as transformers' get_cosine_schedule_with_warmup, so runs compare with HF Trainer's.
-    """
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def total_steps_for(cfg: TrainConfig, n_train: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_batches(n_train, cfg.batch_size) / cfg.grad_accum))
-
-
 def micro_batches(examples: list[dict], cfg: TrainConfig, pad_id: int,
                   state: TrainState) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Endless (epoch, index-after, batch) stream starting at the state's data position.
@@ -166,23 +118,18 @@ def micro_batches(examples: list[dict], cfg: TrainConfig, pad_id: int,
         epoch, skip = epoch + 1, 0
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default (adapter weights stay fp32); fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict], task: str,
           cfg: TrainConfig, *, pad_id: int, device: torch.device, log: MetricsLog,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[int], None] | None = None, options: StepOptions = StepOptions()) -> TrainOutcome:
+          on_step: Callable[[int], None] | None = None, options: StepOptions = StepOptions(),
+          world: World = SINGLE) -> TrainOutcome:
     """Train ``model`` (already prepared and on ``device``) and evaluate it at the end.
 
     SIGINT/SIGTERM stop after the current step, save a checkpoint (when ``checkpoint_dir`` is
     given) and raise ``Interrupted``; ``resume`` continues from the latest checkpoint.
     ``options``: the loss (of every step and evaluation) and the batch splitter; the defaults are peftlab's.
+    ``world``: the ranks of a multi-process run (run/distributed.py); each trains on its share of every
+    batch, gradients and metrics are summed over all, and only rank 0 writes checkpoints.
     """
     parameters = trainable_named_parameters(model)
     optimizer = build_optimizer(model, cfg)
@@ -200,7 +147,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     outcome.note_load()
 
     def run_eval() -> EvalResult:
-        result = evaluate_on(model, eval_examples, task, cfg, pad_id, device, loss=options.loss)
+        result = evaluate_on(model, eval_examples, task, cfg, pad_id, device, loss=options.loss, world=world)
         outcome.note_eval(result)
         reason = eval_divergence(result)
         if reason:  # a NaN eval loss is a divergence like a NaN training loss, never a metric
@@ -211,19 +158,22 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         return result
 
     def checkpoint() -> None:
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and world.is_main:
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history)
 
     stream = micro_batches(train_examples, cfg, pad_id, state)
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, leave=False,
+               disable=not world.is_main)
     try:
         with GracefulStop() as stop:
             while state.step < total_steps:
-                if stop.requested:  # checked before each step: also catches a signal sent while the model loaded
+                # checked before each step: also catches a signal sent while the model loaded; every rank
+                # stops after the same step, whichever of them the signal reached first
+                if any_across(stop.requested, world, device):
                     _stop_here(state.step, checkpoint, log)
                 record, step = _timed_step(model, parameters, optimizer, scheduler, stream, state, task, cfg,
-                                           device, options)
+                                           device, options, world)
                 outcome.padded_tokens += step.padded_tokens
                 history.append(record)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
@@ -251,10 +201,10 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
 
 
 def evaluate_on(model: nn.Module, examples: list[dict], task: str, cfg: TrainConfig, pad_id: int,
-                device: torch.device, *, loss: LossFn = loss_sum) -> EvalResult:
-    """The one way a run evaluates: fixed-order batches under the run's autocast."""
-    return evaluate(model, eval_batches(examples, cfg, pad_id, device), task, autocast_for(device, cfg.precision),
-                    loss=loss)
+                device: torch.device, *, loss: LossFn = loss_sum, world: World = SINGLE) -> EvalResult:
+    """The one way a run evaluates: fixed-order batches under the run's autocast (each rank its share)."""
+    return evaluate(model, eval_batches(examples, cfg, pad_id, device, world), task,
+                    autocast_for(device, cfg), loss=loss, world=world, device=device)
 
 
 def eval_divergence(result: EvalResult) -> str | None:
@@ -270,11 +220,12 @@ def _stop_here(step: int, checkpoint: Callable[[], None], log: MetricsLog) -> No
 
 def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LambdaLR, stream: Iterator, state: TrainState, task: str,
-                cfg: TrainConfig, device: torch.device, options: StepOptions) -> tuple[dict, StepResult]:
+                cfg: TrainConfig, device: torch.device, options: StepOptions,
+                world: World) -> tuple[dict, StepResult]:
     """One optimizer step on the stream's next batches, the state advanced; the step's log record and result."""
     started = time.perf_counter()
     step = optimizer_step(model, parameters, optimizer, _draw(stream, state, cfg.grad_accum), task, cfg, device,
-                          options)
+                          options, world=world)
     scheduler.step()
     state.step += 1
     state.train_seconds += time.perf_counter() - started
@@ -296,14 +247,17 @@ def _draw(stream: Iterator, state: TrainState, count: int) -> list[dict[str, tor
 
 def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                    batches: Sequence[dict[str, torch.Tensor]], task: str, cfg: TrainConfig, device: torch.device,
-                   options: StepOptions = StepOptions()) -> StepResult:
+                   options: StepOptions = StepOptions(), *, world: World = SINGLE) -> StepResult:
     """One optimizer step over ``batches`` (a step's grad_accum micro-batches, on any device): the training step.
 
-    Gradients as ``accumulate_gradients``, then clipping to cfg.max_grad_norm, AdamW's update and
-    zeroed gradients; the scheduler is the caller's. Raises ``Diverged`` (naming the parameters) on a
-    non-finite loss or gradient, before the parameters change. ``parameters``: trainable_named_parameters.
+    Gradients as ``accumulate_gradients`` (summed over the ranks of ``world``), then clipping to
+    cfg.max_grad_norm, AdamW's update and zeroed gradients; the scheduler is the caller's. Raises
+    ``Diverged`` (naming the parameters) on a non-finite loss or gradient, before the parameters change;
+    every rank sees the same summed loss and gradients, so all of them raise together.
+    ``parameters``: trainable_named_parameters.
     """
-    step = accumulate_gradients(model, batches, task, cfg, device, options)
+    step = accumulate_gradients(model, batches, task, cfg, device, options, world=world)
+    sum_gradients(parameters, world)
     if not math.isfinite(step.loss):
         raise Diverged(f"non-finite training loss ({step.loss})", _non_finite_grads(parameters))
     norm = torch.nn.utils.clip_grad_norm_([p for _, p in parameters], cfg.max_grad_norm or float("inf"))
@@ -315,32 +269,42 @@ def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]],
 
 
 def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], task: str, cfg: TrainConfig,
-                         device: torch.device, options: StepOptions = StepOptions()) -> StepResult:
+                         device: torch.device, options: StepOptions = StepOptions(), *,
+                         world: World = SINGLE) -> StepResult:
     """Forward and backward over ``batches``, adding d(step loss)/d(parameter) into each ``.grad``.
 
     Each batch is cut by ``options.split`` (at cfg.max_batch_tokens) and moved to ``device``; every
     piece's summed loss is divided by the label units of the whole step before its backward, so
     accumulation is exactly token-weighted. Runs under the run's autocast; the model's mode is the caller's.
+    With several ranks each takes its share of every batch and divides by the units of all ranks
+    together; the returned loss, units and tokens are the whole step's (the gradients are this rank's
+    part until ``sum_gradients``).
     """
+    shares = [share for share in (shard(batch, world) for batch in batches) if share is not None]
     pieces = [{key: value.to(device, non_blocking=True) for key, value in piece.items()}
-              for batch in batches for piece in options.split(batch, cfg.max_batch_tokens)]
-    units = sum(label_units(piece, task) for piece in pieces)
+              for share in shares for piece in options.split(share, cfg.max_batch_tokens)]
+    (units,) = sum_across([sum(label_units(piece, task) for piece in pieces)], world, device)
+    units = int(units)
     total_loss = 0.0
     for piece in pieces:
-        with autocast_for(device, cfg.precision):
+        with autocast_for(device, cfg):
             piece_sum, _ = options.loss(model, piece, task)
         (piece_sum / units).backward()
         total_loss += float(piece_sum.detach())
     tokens = sum(int(piece["attention_mask"].sum()) for piece in pieces)
     padded = sum(piece["input_ids"].numel() for piece in pieces)
-    return StepResult(loss=total_loss / units, units=units, tokens=tokens, padded_tokens=padded)
+    total_loss, tokens, padded = sum_across([total_loss, tokens, padded], world, device)
+    return StepResult(loss=total_loss / units, units=units, tokens=int(tokens), padded_tokens=int(padded))
 
 
 def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
     return [name for name, p in parameters if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
-def eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: torch.device) -> Iterator[dict]:
-    """Batches in a fixed order (no shuffling), moved to ``device``."""
+def eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: torch.device,
+                 world: World = SINGLE) -> Iterator[dict]:
+    """Batches in a fixed order (no shuffling), this rank's share of each, moved to ``device``."""
     for batch in batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=0, shuffle=False):
-        yield {key: value.to(device) for key, value in batch.items()}
+        share = shard(batch, world)
+        if share is not None:
+            yield {key: value.to(device) for key, value in share.items()}

@@ -327,7 +327,8 @@ def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
 def reference_config(config: RunConfig) -> RunConfig:
     """The part of a run's config that its untrained base model's evaluation depends on."""
     train = TrainConfig(seed=config.train.seed, batch_size=config.train.batch_size,
-                        precision=config.train.precision, device=config.train.device)
+                        precision=config.train.precision, device=config.train.device,
+                        base_dtype=config.train.base_dtype)
     return RunConfig(model=config.model, task=config.task, data=config.data, train=train)
 
 
