@@ -224,3 +224,22 @@ def test_lora_addmm_forward_equals_the_plain_forward_in_training_with_dropout():
     torch.testing.assert_close(outputs[0][0], outputs[1][0])
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow  # four fresh `peftlab run` processes on a tiny model (~30 s)
+def test_memory_settings_benchmark_runs_every_setting_and_checkpointing_keeps_the_loss(tiny_llama_dir, tmp_path):
+    import argparse
+    import json
+
+    from bench import memory_settings
+
+    args = argparse.Namespace(steps=2, reps=1, device="cpu", model=str(tiny_llama_dir), out=str(tmp_path))
+    assert memory_settings.measure(args) == 0
+    (result,) = tmp_path.glob("memory-settings-cpu-*.json")
+    runs = {run["setting"]: run for run in json.loads(result.read_text())["runs"]}
+    assert set(runs) == set(memory_settings.SETTINGS)
+    # checkpointing recomputes, it never changes what is learned
+    assert runs["fp32 + checkpointing"]["eval_loss"] == runs["fp32"]["eval_loss"]
+    assert runs["bf16 base + checkpointing"]["eval_loss"] == runs["bf16 base"]["eval_loss"]
+    assert all(run["peak_memory_mb"] > 0 and run["tokens_per_s"] > 0 for run in runs.values())
+    assert "| bf16 base + checkpointing |" in next(tmp_path.glob("memory-settings-cpu-*.md")).read_text()
