@@ -35,7 +35,8 @@ def run_once(setting: str, steps: int, seed: int, device: str, folder: Path, mod
     """One `peftlab run` of ``setting`` in a fresh process; the numbers of its summary.json."""
     out = folder / f"{setting.replace(' ', '_').replace('+', '')}-{seed}"
     overrides = SETTINGS[setting] + [f"train.max_steps={steps}", f"train.seed={seed}", f"train.device={device}",
-                                     "train.num_samples=0", "data.eval_size=64", "train.save_every=null", f"model={model}"]
+                                     "train.num_samples=0", "data.eval_size=64", "train.save_every=null",
+                                     f"model={model}"]
     command = [sys.executable, "-m", "peftlab", "run", str(REPO / "examples" / "quickstart.yaml"), "--out", str(out)]
     command += [item for text in overrides for item in ("--set", text)]
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -54,7 +55,8 @@ def table(runs: list[dict]) -> str:
         return statistics.median(r[key] for r in runs if r["setting"] == setting)
 
     base_memory, base_speed = median("fp32", "peak_memory_mb"), median("fp32", "tokens_per_s")
-    lines = ["| setting | peak memory MiB | vs fp32 | tokens/s | vs fp32 | eval loss |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | peak memory MiB | vs fp32 | tokens/s | vs fp32 | eval loss |",
+             "|---|---:|---:|---:|---:|---:|"]
     for setting in SETTINGS:
         memory, speed = median(setting, "peak_memory_mb"), median(setting, "tokens_per_s")
         lines.append(f"| {setting} | {memory:.0f} | {memory / base_memory:.2f}x | {speed:.1f} | "
