@@ -571,3 +571,43 @@ def test_signal_between_training_loops_stops_the_sweep_before_the_next_run(tmp_p
     runner.calls.clear()
     executors.run_sweep(spec, tmp_path, resume=True, progress=lambda _: None)
     assert runner.calls == ids[1:]
+
+
+def _custom_sweep(folder, ranks):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ranks.json").write_text(json.dumps({"layer_ranks": ranks}))
+    (folder / "s.yaml").write_text(yaml.safe_dump({"base": {"model": "m", "train": {"max_steps": 2}},
+                                                   "strategies": {"c": {"method.ranks.schedule": "custom",
+                                                                        "method.ranks.file": "ranks.json"}}}))
+    return load_sweep(folder / "s.yaml")
+
+
+@pytest.mark.parametrize("status", ["completed", "checkpoint"])
+def test_a_sweep_moved_to_another_checkout_resumes(tmp_path, status):
+    """The committed adaptive_ranks study names its rank file by the absolute path of the checkout that
+    ran it: resuming a copy elsewhere must not call that a changed config (it once did)."""
+    old_spec = _custom_sweep(tmp_path / "old", [1, 2])
+    (old_trial,) = expand(old_spec, tmp_path / "old" / "out")
+    _write_run(old_trial, status if status != "checkpoint" else None, checkpoint=status == "checkpoint")
+    new_spec = _custom_sweep(tmp_path / "new", [1, 2])
+    os.rename(tmp_path / "old" / "out", tmp_path / "new" / "out")
+    if status == "checkpoint":  # the old checkout is gone, as /work/studytree was
+        (tmp_path / "old" / "ranks.json").unlink()
+    (new_trial,) = expand(new_spec, tmp_path / "new" / "out")
+    assert new_trial.config.method.ranks.file != old_trial.config.method.ranks.file
+    todo = plan([new_trial], tmp_path / "new" / "out", resume=True)
+    assert [resumed for _, resumed in todo] == ([True] if status == "checkpoint" else [])
+    saved = yaml.safe_load((new_trial.out_dir / "config.yaml").read_text())["method"]["ranks"]["file"]
+    # a resumed run takes the new path (run_experiment checks it again); a finished one is left as it was
+    expected = new_trial.config.method.ranks.file if status == "checkpoint" else old_trial.config.method.ranks.file
+    assert saved == expected
+
+
+def test_a_moved_sweep_whose_rank_file_was_edited_is_refused(tmp_path):
+    old_spec = _custom_sweep(tmp_path / "old", [1, 2])
+    (old_trial,) = expand(old_spec, tmp_path / "old" / "out")
+    _write_run(old_trial, "completed")
+    new_spec = _custom_sweep(tmp_path / "new", [2, 2])
+    os.rename(tmp_path / "old" / "out", tmp_path / "new" / "out")
+    with pytest.raises(UserError, match="changed: method.ranks.file"):
+        plan(expand(new_spec, tmp_path / "new" / "out"), tmp_path / "new" / "out", resume=True)

@@ -14,10 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftlab.config import RunConfig, changed_keys, config_to_dict, from_dict, load_yaml
+from peftlab.diskio import write_atomic
 from peftlab.errors import UserError
 from peftlab.run.checkpoint import has_checkpoint
-from peftlab.study.sweep import DONE_STATUSES, Trial
+from peftlab.study.sweep import DONE_STATUSES, PATH_KEYS, Trial
 
 
 def trial_status(out_dir: Path) -> str:
@@ -61,7 +64,7 @@ def plan(trials: list[Trial], out: Path, *, resume: bool) -> list[tuple[Trial, b
             statuses[trial.run_id] = "failed"  # a base-model evaluation is cheap and deterministic: redo it
     for trial in trials:  # kept results must come from the same config; restarted ones may change
         if statuses[trial.run_id] in (*DONE_STATUSES, "checkpoint"):
-            _check_same_config(trial)
+            _check_same_config(trial, resumes=statuses[trial.run_id] == "checkpoint")
     todo = []
     for trial in trials:
         status = statuses[trial.run_id]
@@ -83,11 +86,47 @@ def _config_differs(trial: Trial) -> bool:
     return old is not None and old != config_to_dict(trial.config)
 
 
-def _check_same_config(trial: Trial) -> None:
+def _check_same_config(trial: Trial, *, resumes: bool) -> None:
+    """Refuse a kept run made with another config; a run that only moved with its checkout is kept, and
+    one that ``resumes`` from its checkpoint takes the new paths (run_experiment checks them again)."""
     old, new = _saved_config(trial), config_to_dict(trial.config)
     if old is None:
         return
     if old != new:
         changed = changed_keys(old, new)
+        if _moved_only(old, new, changed):  # the same sweep read from another checkout
+            if resumes:
+                write_atomic(trial.out_dir / "config.yaml", yaml.safe_dump(new, sort_keys=False))
+            return
         raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "
                         f"{', '.join(changed) or 'structure'}); use another --out for a changed sweep")
+
+
+def _moved_only(old: dict[str, Any], new: dict[str, Any], changed: list[str]) -> bool:
+    """Whether two configs differ only in where the same files lie: a sweep resumed from another checkout.
+
+    Relative paths in a sweep file are stored absolute (study/sweep.py), so a copied or moved sweep
+    folder names its rank file under another folder. The trial's id already says the sweep file names
+    the same path; here each changed key must be such a path, with the same file name, and where the old
+    file still exists, the same bytes (an edited file is a changed config).
+    """
+    for key in changed:
+        before, after = _dotted(old, key), _dotted(new, key)
+        if key not in PATH_KEYS or not isinstance(before, str) or not isinstance(after, str):
+            return False
+        if Path(before).name != Path(after).name:
+            return False
+        if Path(before).is_file() and not _same_bytes(Path(before), Path(after)):
+            return False
+    return True
+
+
+def _same_bytes(first: Path, second: Path) -> bool:
+    return second.is_file() and first.read_bytes() == second.read_bytes()
+
+
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

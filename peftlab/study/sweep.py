@@ -60,7 +60,7 @@ from peftlab.study.stats import group_label
 SWEEP_KEYS = ("name", "description", "base", "strategies", "grid", "seeds", "baseline")
 DONE_STATUSES = ("completed", "diverged", "collapsed")  # results: rerunning would end the same way
 SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the resolved sweep, read back by `peftlab report`
-_PATH_KEYS = ("model", "data.source", "method.ranks.file")
+PATH_KEYS = ("model", "data.source", "method.ranks.file")
 
 
 @dataclass
@@ -350,7 +350,7 @@ def _resolve_paths(data: dict[str, Any], directory: Path) -> None:
 
     Absolute, because Ray workers need not share the driver's folder; aliases and hub ids stay as written.
     """
-    for dotted in _PATH_KEYS:
+    for dotted in PATH_KEYS:
         node: Any = data
         parts = dotted.split(".")
         for part in parts[:-1]:
