@@ -11,7 +11,7 @@ from peftlab.core.modelmap import build_model_map
 from peftlab.inputs.data import batches, split_by_tokens
 from peftlab.run.optimizer import build_optimizer, build_scheduler, trainable_named_parameters
 from peftlab.run.tracking import MetricsLog
-from peftlab.run.train import StepOptions, optimizer_step, train
+from peftlab.run.train import StepOptions, accumulate_gradients, optimizer_step, train
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
@@ -208,6 +208,24 @@ def test_optimizer_step_is_the_step_a_run_takes():
     assert step.padded_tokens == outcome.padded_tokens == first["input_ids"].numel()
     for name, value in _trainable_state(run_model).items():
         assert torch.equal(value, _trainable_state(step_model)[name]), name
+
+
+def test_each_step_logs_its_gradient_norm_before_clipping(tmp_path):
+    """grad_norm in metrics.jsonl: the L2 norm of the step's whole gradient, before clip_grad_norm_ scales it."""
+    import json
+
+    cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, seed=0, save_every=None, max_grad_norm=1e-3)
+    outcome = _train(_lora_model(dropout=0.0), cfg, tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in logged if "train_loss" in r]
+    assert len(norms) == 2 and all(n > 1e-3 for n in norms)  # above the clip: the unclipped norm is logged
+    model = _lora_model(dropout=0.0)
+    model.train()
+    first = next(iter(batches(_examples(24), cfg.batch_size, pad_id=0, seed=cfg.seed, epoch=0)))
+    accumulate_gradients(model, [first], "instruction", cfg, torch.device("cpu"))
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for _, p in trainable_named_parameters(model)]))
+    assert norms[0] == pytest.approx(float(expected), rel=1e-5)
+    assert outcome.history[0]["grad_norm"] == norms[0]
 
 
 def test_outcome_counts_padded_tokens_and_evaluation_seconds():

@@ -2,7 +2,7 @@
 
 Output directory:
   config.yaml      the resolved config
-  metrics.jsonl    a line per logged step (train_loss, lr, tokens_per_s) and per evaluation
+  metrics.jsonl    a line per logged step (train_loss, lr, grad_norm, tokens_per_s) and per evaluation
   summary.json     a RunSummary (run/summary.py): status, metrics, parameters, resources, placement, warnings
   adapter/         LoRA runs: the adapter in HF peft format
   trainable.safetensors  other methods (and fused-slice LoRA): the trained parameters

@@ -54,6 +54,7 @@ class StepResult:
     units: int  # label tokens (examples for classification) the loss is averaged over
     tokens: int  # non-padding tokens
     padded_tokens: int  # positions the model ran on, padding included: rows x width of every piece
+    grad_norm: float | None = None  # L2 norm of the step's gradient before clipping (set by optimizer_step)
 
 
 @dataclass
@@ -232,7 +233,8 @@ def _timed_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]], op
     state.train_tokens += step.tokens
     # train_units: what the step's loss is averaged over, so a report can weight a running loss by it
     record = {"step": state.step, "train_loss": step.loss, "lr": scheduler.get_last_lr()[0],
-              "tokens_per_s": state.train_tokens / state.train_seconds, "train_units": step.units}
+              "grad_norm": step.grad_norm, "tokens_per_s": state.train_tokens / state.train_seconds,
+              "train_units": step.units}
     return record, step
 
 
@@ -263,6 +265,7 @@ def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]],
     norm = torch.nn.utils.clip_grad_norm_([p for _, p in parameters], cfg.max_grad_norm or float("inf"))
     if not torch.isfinite(norm):
         raise Diverged("non-finite gradient", _non_finite_grads(parameters))
+    step.grad_norm = float(norm)  # before clipping: a norm that climbs step after step warns of a divergence
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step
