@@ -611,3 +611,29 @@ def test_a_moved_sweep_whose_rank_file_was_edited_is_refused(tmp_path):
     os.rename(tmp_path / "old" / "out", tmp_path / "new" / "out")
     with pytest.raises(UserError, match="changed: method.ranks.file"):
         plan(expand(new_spec, tmp_path / "new" / "out"), tmp_path / "new" / "out", resume=True)
+
+
+@pytest.mark.parametrize("seconds, left, expected", [
+    ([], 5, ""),  # nothing finished yet: no guess
+    ([600.0], 0, ""),  # nothing left
+    ([10.0], 3, "under a minute left"),
+    ([400.0, 440.0], 6, "about 42 min left"),
+    ([420.0], 12, "about 1 h 24 min left"),
+])
+def test_time_left_is_the_mean_run_times_the_runs_left(seconds, left, expected):
+    assert executors.time_left(seconds, left) == expected
+
+
+def test_each_finished_training_run_says_about_how_long_the_sweep_has_left(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 300))  # every run takes 300 s on this clock
+    monkeypatch.setattr(executors.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(executors, "_run_experiment", lambda: FakeRunner())
+    messages = []
+    spec = _spec(strategies={"a": {"method.ranks.r": 4}, "b": {"method.ranks.r": 16}}, seeds=[1, 2])
+    executors.run_sweep(spec, tmp_path, progress=messages.append)
+    finished = [m for m in messages if ": completed" in m]
+    assert len(finished) == 5  # the base-model evaluation, then 4 training runs
+    assert "left" not in finished[0]  # the quick reference evaluation is not a run to average
+    assert [m.rsplit("; ", 1)[-1] for m in finished[1:4]] == [
+        "about 15 min left", "about 10 min left", "about 5 min left"]
+    assert "left" not in finished[4]  # the last run: nothing left to estimate

@@ -143,18 +143,40 @@ def _say(text: str) -> None:
 # --- local -------------------------------------------------------------------------------------
 
 
+def time_left(seconds_per_run: list[float], runs_left: int) -> str:
+    """"about 42 min left" from the training runs finished so far (their mean), or "" before the first."""
+    if not seconds_per_run or runs_left <= 0:
+        return ""
+    minutes = round(sum(seconds_per_run) / len(seconds_per_run) * runs_left / 60)
+    if minutes < 1:
+        return "under a minute left"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h {minutes:02d} min left" if hours else f"about {minutes} min left"
+
+
 def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
-    """Trials one after another in this process, sharing one base-model cache."""
+    """Trials one after another in this process, sharing one base-model cache.
+
+    Each finished training run's line ends with an estimate of the time left: the mean wall time of the
+    training runs done so far times those still to do (base-model evaluations are quick and not counted).
+    """
     cache = process_model_cache()
-    summaries = []
+    summaries, seconds_per_run = [], []
+    training_left = sum(1 for trial, _ in todo if not trial.is_reference)
     with GracefulStop() as stop:  # a signal outside a run's training loop stops the sweep before the next run
         for index, (trial, resumed) in enumerate(todo, 1):
             if stop.requested:
                 progress(f"stopped before run {index} of {len(todo)}; rerun with --resume to continue")
                 raise KeyboardInterrupt
             progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
+            started = time.monotonic()
             summary = run_trial(trial, echo=echo, model_cache=cache)
-            progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}")
+            if not trial.is_reference:
+                seconds_per_run.append(time.monotonic() - started)
+                training_left -= 1
+            estimate = time_left(seconds_per_run, training_left)
+            progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}"
+                     + (f"; {estimate}" if estimate else ""))
             summaries.append(summary)
     return summaries
 
