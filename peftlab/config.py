@@ -233,9 +233,10 @@ class TrainConfig:
     log_every: int = 1
     save_every: int | None = 50  # checkpoint every N steps (and on Ctrl-C); None: only on Ctrl-C
     device: str = "auto"  # auto | cpu | cuda | mps
-    # The dtype the frozen base weights load in (peftlab.run.precision): auto = bf16 on a CUDA GPU that
-    # supports it (fp32 when precision is fp32), fp32 elsewhere. Trained parameters stay fp32 whatever
-    # this says. fp16 has no loss scaling here: an overflow stops the run as diverged; prefer bf16.
+    # The dtype the base weights load in (peftlab.run.precision): auto = bf16 on a CUDA GPU that supports
+    # it for methods that keep the base frozen (lora, adapter; fp32 when precision is fp32), fp32 for full
+    # and partial fine-tuning and on other devices. Trained parameters stay fp32 whatever this says.
+    # fp16 has no loss scaling here: an overflow stops the run as diverged; prefer bf16.
     base_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     # Autocast: auto = the base dtype when it is bf16/fp16, else bf16 on CUDA and none elsewhere;
     # fp32 = none (refused on a bf16/fp16 base); bf16 = bf16 autocast.

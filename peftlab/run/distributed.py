@@ -181,7 +181,3 @@ def decided_by_main(world: World, decide: Callable[[], T]) -> T:
         raise UserError(value)
     return value
 
-
-def barrier(world: World) -> None:
-    if world.parallel:
-        dist.barrier()

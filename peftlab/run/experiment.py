@@ -156,7 +156,8 @@ def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prep
                 samples: list, artifact: Artifact, device: torch.device, started: float, loaded: LoadedModel,
                 collapse: Collapse | None, world: World, peak_mb: float) -> RunSummary:
     """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded."""
-    env = run_environment(device, loaded.source, data)
+    # only rank 0's summary is written: the others skip hashing the weights and data
+    env = run_environment(device, loaded.source, data) if world.is_main else {}
     summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env)
     summary.collapse = collapse
     if world.parallel and summary.resources is not None:
@@ -261,7 +262,7 @@ def load_inputs(config: RunConfig, model_cache: BaseModelCache | None = None,
     load = model_cache.get if model_cache is not None else load_model
     loaded = load(config.model, config.task, num_labels=data.num_labels, label_names=data.label_names,
                   tokenizer=tokenizer, dtype=dtype,  # the one tokenizer of the run: read from disk once
-                  quantize=config.method.quantize_base if config.method.name == "lora" else None)
+                  quantize=config.method.quantize_base)
     seed_everything(config.train.seed)  # the new head's and (after this returns) the adapters' initial weights
     reinitialize(loaded.model, loaded.new_weights)
     return tokenizer, data, loaded

@@ -54,16 +54,16 @@ def autocast_dtype(device: torch.device, train_cfg: TrainConfig) -> torch.dtype 
     """The autocast dtype of a run on ``device``, or None for no autocast (the rule ``autocast_for`` applies).
 
     precision fp32: none (the config refuses it with a half base); bf16: bf16; auto: the base dtype
-    when it is bf16/fp16 (fp32 trained layers meet half activations only through autocast), else bf16
-    on CUDA and none elsewhere, as before base dtypes existed.
+    when it is set to bf16/fp16 (fp32 trained layers meet half activations only through autocast), else
+    bf16 on CUDA and none elsewhere, as before base dtypes existed. (A base_dtype of auto loads bf16 only
+    on CUDA, where the autocast is bf16 anyway, so the method does not matter here.)
     """
     if train_cfg.precision == "fp32":
         return None
     if train_cfg.precision == "bf16":
         return torch.bfloat16
-    base = resolve_base_dtype(train_cfg, device)
-    if base != torch.float32:
-        return base
+    if train_cfg.base_dtype in ("bf16", "fp16"):
+        return DTYPES[train_cfg.base_dtype]
     return torch.bfloat16 if device.type == "cuda" else None
 
 
