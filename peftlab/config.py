@@ -243,6 +243,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     # Recompute each block's activations in backward instead of keeping them: less memory, more compute.
     gradient_checkpointing: bool = False
+    # Under torchrun / --nproc: shard every transformer block's weights, gradients and AdamW state over the
+    # processes (FSDP2, run/sharding.py) instead of a whole copy per process: for bases too large for one device.
+    fsdp: bool = False
     train_eval_size: int = 0  # also evaluate the final model on this many training examples (train accuracy)
     num_samples: int = 3  # instruction runs: generated samples to record
     max_new_tokens: int = 48
@@ -297,6 +300,9 @@ class RunConfig:
         _require(quantize is None or self.train.device in ("auto", "cuda"),
                  f"method.quantize_base={quantize!r} (QLoRA) needs a CUDA GPU, but train.device={self.train.device}; "
                  "use train.device: auto or cuda, or method.quantize_base: null")
+        _require(not (quantize and self.train.fsdp),
+                 f"method.quantize_base={quantize!r} with train.fsdp=True: sharding a bitsandbytes-quantized base "
+                 "is not supported; QLoRA fits a 7B base on one GPU (drop train.fsdp), or use fsdp on a bf16 base")
 
 
 def did_you_mean(value: object, choices: Sequence[str], *, quote: bool = True, prefix: str = "") -> str:

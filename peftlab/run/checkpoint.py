@@ -34,6 +34,7 @@ from torch import nn
 
 from peftlab.diskio import write_atomic_by, writing
 from peftlab.errors import UserError
+from peftlab.run.sharding import full, shard_like
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # its presence means "a checkpoint exists" (run.py, sweep.py)
 LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # older peftlab's pickle: recognised, refused, never loaded
@@ -61,17 +62,21 @@ class _Refused(Exception):
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState, history: list[dict]) -> Path:
-    with writing(directory):
-        directory.mkdir(parents=True, exist_ok=True)
+                    scheduler: Any, state: TrainState, history: list[dict], *, write: bool = True) -> Path:
+    """Write the checkpoint; ``write=False``: a sharded run's other ranks, which only help gather the
+    shards (run/sharding.py: every rank must take part in each gather, in the same order)."""
     optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
     tensors = {PARAM + name: _plain(p) for name, p in model.named_parameters() if p.requires_grad}
+    path = directory / CHECKPOINT_FILE
+    if not write:
+        return path
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     tensors.update(optimizer_tensors)
     tensors.update(_rng_tensors())
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     document = {"format": FORMAT, "state": asdict(state), "history": history,
                 "optimizer": optimizer_json, "scheduler": scheduler_state}
-    path = directory / CHECKPOINT_FILE
     # a full or read-only disk: one line, and the previous checkpoint kept
     write_atomic_by(path, lambda temporary: save_file(tensors, str(temporary),
                                                       metadata={METADATA_KEY: json.dumps(document)}))
@@ -80,7 +85,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     # safetensors wants contiguous CPU tensors; clone so no entry shares memory with a live one.
-    return tensor.detach().cpu().contiguous().clone()
+    # A shard of a sharded block (train.fsdp) is saved whole, so any number of ranks can resume it.
+    return full(tensor).detach().cpu().contiguous().clone()
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -134,7 +140,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         raise UserError(f"checkpoint {path} cannot be loaded safely: {why}; delete it to restart the run") from None
     with torch.no_grad():
         for parameter, value in trainable:
-            parameter.copy_(value)
+            parameter.copy_(shard_like(value, parameter))
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng_cpu)
@@ -212,6 +218,10 @@ def _checked_optimizer_state(tensors: dict[str, torch.Tensor], document: dict,
         state.setdefault(_param_id(param_id, params_by_id), {}).update(entries)
     for param_id, entries in state.items():
         _check_state_shapes(entries, params_by_id[param_id])
+    # a sharded parameter's moments are sharded like it (saved whole; a scalar step stays as it is)
+    state = {param_id: {name: shard_like(value, params_by_id[param_id])
+                        if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                        for name, value in entries.items()} for param_id, entries in state.items()}
     return {"state": state, "param_groups": groups}
 
 

@@ -42,6 +42,9 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # train.fsdp over several ranks: the blocks are sharded (run/sharding.py), so every rank must run the
+    # same forward and backward passes in lockstep
+    sharded: bool = False
 
     @property
     def is_main(self) -> bool:

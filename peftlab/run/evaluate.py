@@ -18,6 +18,7 @@ from torch import nn
 from peftlab.inputs.data import encode_prompt
 from peftlab.run.distributed import SINGLE, World, gather_objects, sum_across
 from peftlab.run.losses import LossFn, classification_loss_sum, label_units, loss_sum
+from peftlab.run.sharding import FILLER
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -73,6 +74,10 @@ def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task
     predictions: list[torch.Tensor] = []
     gold: list[torch.Tensor] = []
     for batch in batches:
+        if FILLER in batch:  # a sharded rank with no rows of this batch: the forward only keeps it in step
+            with autocast if autocast is not None else contextlib.nullcontext():
+                _forward_only(model, batch, task, loss)
+            continue
         with autocast if autocast is not None else contextlib.nullcontext():
             if task == "classification":
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -95,6 +100,14 @@ def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task
         return EvalResult(mean, units, accuracy=float((predicted == expected).float().mean()),
                           macro_f1=macro_f1(predicted, expected))
     return EvalResult(mean, units, perplexity=perplexity(mean) if math.isfinite(mean) else None)
+
+
+def _forward_only(model: nn.Module, batch: dict[str, torch.Tensor], task: str, loss: LossFn) -> None:
+    """Run the model on ``batch`` and drop the result (run/sharding.py: every rank gathers each block)."""
+    if task == "classification":
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    else:
+        loss(model, batch, task)
 
 
 def macro_f1(predicted: torch.Tensor, expected: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ writes the folder, the others train their share of each batch and write nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import time
@@ -33,7 +34,7 @@ import yaml
 from peftlab import messages
 from peftlab.config import CAUSAL_TASKS, RunConfig, config_to_dict
 from peftlab.core.methods import Prepared, prepare
-from peftlab.core.modelmap import build_model_map
+from peftlab.core.modelmap import ModelMap, build_model_map
 from peftlab.core.placement_map import format_placement_map
 from peftlab.diskio import write_atomic, writing
 from peftlab.inputs.data import TaskData, load_task_data
@@ -52,6 +53,7 @@ from peftlab.run.precision import (
     resolve_base_dtype,
 )
 from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device, seed_everything
+from peftlab.run.sharding import gather_parameters, shard_blocks
 from peftlab.run.summarize import reference_summary, run_environment, run_summary
 from peftlab.run.summary import SUMMARY_FILE, Artifact, Collapse, RunSummary, write_summary
 from peftlab.run.tracking import MetricsLog
@@ -123,6 +125,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
             trainable_params=prepared.trainable_params, total_params=prepared.total_params))
     if config.method.quantize_base is None:  # bitsandbytes placed a quantized base on its GPU as it loaded
         model.to(device)
+    world = _shard_if_asked(config, model, model_map, world, device, log)
     gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
@@ -132,14 +135,18 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
         outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
                                          config.train, tokenizer.pad_token_id, device, world=world)
     peak_mb = max_across(peak_memory(device)["peak_memory_mb"], world, device)  # training's, the largest rank's
-    if not world.is_main:  # the others' share is done: rank 0 alone generates, saves and writes
-        return _summary_of(config, out_dir, data, prepared, outcome, [], Artifact("none", None, 0, None), device,
-                           started, loaded, collapse, world, peak_mb)
     samples = []
-    if outcome.status == "completed" and config.task == "instruction" and config.train.num_samples:
+    # sharded blocks: every rank runs the same greedy decoding (each forward gathers every block)
+    if (world.is_main or world.sharded) and outcome.status == "completed" and config.task == "instruction" \
+            and config.train.num_samples:
         with autocast_for(device, config.train):  # a half base meets fp32 trained layers only under autocast
             samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
                                        max_new_tokens=config.train.max_new_tokens, device=device)
+    if world.sharded and outcome.status == "completed":  # whole weights on rank 0 for the export
+        gather_parameters(model, keep=world.is_main)
+    if not world.is_main:  # the others' share is done: rank 0 alone saves and writes
+        return _summary_of(config, out_dir, data, prepared, outcome, [], Artifact("none", None, 0, None), device,
+                           started, loaded, collapse, world, peak_mb)
     # a diverged or collapsed model is not worth its disk space, nor safe to pick up by mistake
     artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
                 else Artifact("none", None, 0, f"not exported: {outcome.status}"))
@@ -150,6 +157,20 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary.status}: " + _metrics_line(summary))
     return summary
+
+
+def _shard_if_asked(config: RunConfig, model: torch.nn.Module, model_map: ModelMap, world: World,
+                    device: torch.device, log: MetricsLog) -> World:
+    """Shard the blocks over the ranks under train.fsdp (run/sharding.py); the world, marked sharded."""
+    if not config.train.fsdp:
+        return world
+    if not world.parallel:
+        log.message("train.fsdp: one process, nothing to shard; every block stays whole on this device")
+        return world
+    blocks = shard_blocks(model, [model_map.block_name(i) for i in range(model_map.n_layers)], world, device)
+    log.message(f"fsdp: {blocks} transformer blocks sharded over {world.size} processes; embeddings and head "
+                "whole on each")
+    return dataclasses.replace(world, sharded=True)
 
 
 def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,

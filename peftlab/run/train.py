@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, split_by_tokens
 from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
-from peftlab.run.distributed import SINGLE, World, any_across, shard, sum_across, sum_gradients
+from peftlab.run.distributed import SINGLE, World, any_across, max_across, shard, sum_across, sum_gradients
 from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
 from peftlab.run.precision import autocast_for
 from peftlab.run.resources import load_average
+from peftlab.run.sharding import FILLER, clip_sharded_gradients, filler, is_sharded
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
 
@@ -159,8 +160,9 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
         return result
 
     def checkpoint() -> None:
-        if checkpoint_dir is not None and world.is_main:
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history)
+        # sharded blocks are gathered whole for the file: every rank takes part, rank 0 writes
+        if checkpoint_dir is not None and (world.is_main or world.sharded):
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history, write=world.is_main)
 
     stream = micro_batches(train_examples, cfg, pad_id, state)
     model.train()
@@ -259,10 +261,13 @@ def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]],
     ``parameters``: trainable_named_parameters.
     """
     step = accumulate_gradients(model, batches, task, cfg, device, options, world=world)
-    sum_gradients(parameters, world)
+    # FSDP has already summed the sharded blocks' gradients in its reduce-scatter
+    sum_gradients([(name, p) for name, p in parameters if not is_sharded(p)], world)
     if not math.isfinite(step.loss):
         raise Diverged(f"non-finite training loss ({step.loss})", _non_finite_grads(parameters))
-    norm = torch.nn.utils.clip_grad_norm_([p for _, p in parameters], cfg.max_grad_norm or float("inf"))
+    max_norm = cfg.max_grad_norm or float("inf")
+    norm = (clip_sharded_gradients([p for _, p in parameters], max_norm, device) if world.sharded
+            else torch.nn.utils.clip_grad_norm_([p for _, p in parameters], max_norm))
     if not torch.isfinite(norm):
         raise Diverged("non-finite gradient", _non_finite_grads(parameters))
     step.grad_norm = float(norm)  # before clipping: a norm that climbs step after step warns of a divergence
@@ -288,16 +293,31 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Ten
               for share in shares for piece in options.split(share, cfg.max_batch_tokens)]
     (units,) = sum_across([sum(label_units(piece, task) for piece in pieces)], world, device)
     units = int(units)
+    fillers = _fillers(len(pieces), batches, world, device)  # decided before any piece: its gathers are collective
     total_loss = 0.0
     for piece in pieces:
         with autocast_for(device, cfg):
             piece_sum, _ = options.loss(model, piece, task)
         (piece_sum / units).backward()
         total_loss += float(piece_sum.detach())
+    for piece in fillers:  # sharded blocks: every rank runs as many pieces; a filler's gradient is zero
+        with autocast_for(device, cfg):
+            piece_sum, _ = options.loss(model, piece, task)
+        (piece_sum * 0.0).backward()
     tokens = sum(int(piece["attention_mask"].sum()) for piece in pieces)
     padded = sum(piece["input_ids"].numel() for piece in pieces)
     total_loss, tokens, padded = sum_across([total_loss, tokens, padded], world, device)
     return StepResult(loss=total_loss / units, units=units, tokens=int(tokens), padded_tokens=int(padded))
+
+
+def _fillers(own: int, batches: Sequence[dict[str, torch.Tensor]], world: World,
+             device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The zero-weight pieces a sharded rank runs so that every rank runs as many pieces as the busiest one."""
+    if not world.sharded:
+        return []
+    busiest = max_across(float(own), world, device)
+    piece = {key: value.to(device) for key, value in filler(batches[0]).items()}
+    return [piece] * (int(busiest) - own)
 
 
 def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:
@@ -309,5 +329,7 @@ def eval_batches(examples: list[dict], cfg: TrainConfig, pad_id: int, device: to
     """Batches in a fixed order (no shuffling), this rank's share of each, moved to ``device``."""
     for batch in batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=0, shuffle=False):
         share = shard(batch, world)
+        if share is None and world.sharded:  # run in step with the others; evaluate counts none of it
+            share = {**filler(batch), FILLER: torch.ones(1)}
         if share is not None:
             yield {key: value.to(device) for key, value in share.items()}
