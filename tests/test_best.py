@@ -318,3 +318,29 @@ def test_the_saved_config_of_an_older_run_reads_with_both_off(tmp_path, tiny_lla
     assert "keep_best" not in config["train"]  # as written before these keys existed
     train = load_config(tmp_path / "config.yaml").train
     assert train.keep_best is None and train.early_stopping is None
+
+
+@pytest.mark.slow
+def test_two_processes_keep_and_stop_as_one(tmp_path, tiny_llama_dir):
+    """Every rank's tracker sees the same reduced evaluation, so all keep the same step and stop after the
+    same one: a rank that trained on alone would hang the others in its next collective (timeout)."""
+    import subprocess
+
+    from test_distributed import REPO, _peftlab
+
+    from peftlab.cli import main
+
+    config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl", n=40))
+    settings = [item for pair in (("--set", s) for s in (
+        "train.max_steps=8", "train.eval_every=2", "train.lr=0.3", "train.num_samples=0",
+        "train.keep_best=eval_loss", "train.early_stopping={patience: 1, min_delta: 0.01}")) for item in pair]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", str(config), "--out", str(one), *settings]) == 0
+    done = subprocess.run(_peftlab(str(config), "--out", str(two), "--nproc", "2", *settings), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = read_summary(one / "summary.json"), read_summary(two / "summary.json")
+    assert first.stopped_early is not None and first.best.step < first.best.last_step  # the scenario: both act
+    assert second.status == "completed" and second.environment["world_size"] == 2
+    assert second.best.step == first.best.step and second.resources.steps == first.resources.steps
+    assert second.stopped_early is not None and second.stopped_early.step == first.stopped_early.step

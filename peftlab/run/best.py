@@ -129,8 +129,9 @@ class BestTracker:
             return
         state.stale += 1
         if state.stale >= self.stopping.patience:
+            evaluations = f"{state.stale} evaluation{'s' if state.stale > 1 else ''}"
             state.stopped = EarlyStop(step, f"{self.monitor} did not improve by more than {self.stopping.min_delta:g} "
-                                            f"in {state.stale} evaluations in a row (best {state.reference:.6g})")
+                                            f"in {evaluations} in a row (best {state.reference:.6g})")
 
     def restore(self) -> EvalPoint | None:
         """Copy the best weights back into the model; the evaluation the run reports (the best, else the last)."""

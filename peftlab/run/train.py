@@ -176,7 +176,8 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                disable=not world.is_main)
     try:
         with GracefulStop() as stop:
-            # a run resumed from the checkpoint of its early stop trains no further
+            # a run resumed from the checkpoint of its early stop trains no further; under torchrun every rank
+            # stops after the same step, since its tracker saw the same reduced evaluation (run/best.py)
             while state.step < total_steps and tracker.stopped is None:
                 # checked before each step: also catches a signal sent while the model loaded; every rank
                 # stops after the same step, whichever of them the signal reached first
