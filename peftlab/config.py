@@ -212,6 +212,23 @@ def check_method_fields(method: MethodConfig) -> None:
         raise UserError(unused_field_message(method, unused[0]))
 
 
+KEEP_BEST = ("eval_loss", "accuracy")  # train.keep_best, besides null (run/best.py)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the monitored metric (keep_best's, else eval_loss) has not beaten its best value by more
+    than ``min_delta`` in ``patience`` periodic evaluations in a row (run/best.py)."""
+
+    patience: int = 3  # periodic evaluations (every train.eval_every steps)
+    min_delta: float = 0.0  # in the metric's units (nats for eval_loss, a fraction for accuracy)
+
+    def __post_init__(self) -> None:
+        _require_finite(self, "train.early_stopping.")
+        _require(self.patience >= 1, f"train.early_stopping.patience must be >= 1, got {self.patience}")
+        _require(self.min_delta >= 0, f"train.early_stopping.min_delta must be >= 0, got {self.min_delta}")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -230,6 +247,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 42
     eval_every: int | None = None  # steps; evaluation always runs at the end
+    # Keep the trainable weights of the best evaluation (eval_loss: lowest, accuracy: highest, classification
+    # only), the final one included, and export and report those; needs eval_every. None: the last weights.
+    keep_best: str | None = None  # null | eval_loss | accuracy
+    early_stopping: EarlyStoppingConfig | None = None  # {patience, min_delta}; needs eval_every
     log_every: int = 1
     save_every: int | None = 50  # checkpoint every N steps (and on Ctrl-C); None: only on Ctrl-C
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -265,6 +286,11 @@ class TrainConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be > 0")
         _require(self.eval_every is None or self.eval_every >= 1, "train.eval_every must be >= 1")
         _require(self.save_every is None or self.save_every >= 1, "train.save_every must be >= 1")
+        _require(self.keep_best is None or self.keep_best in KEEP_BEST,
+                 _choice_message("train.keep_best", self.keep_best, ("null", *KEEP_BEST)))
+        for key in ("keep_best", "early_stopping"):  # both act at the periodic evaluations
+            _require(getattr(self, key) is None or self.eval_every is not None,
+                     f"train.{key} needs train.eval_every (the steps between the evaluations it watches)")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
         _require(self.device in ("auto", "cpu", "cuda", "mps"),
@@ -296,6 +322,9 @@ class RunConfig:
         _require(bool(self.model), "model must name an alias, a hub id or a local dir")
         # Static only: whether this machine has a GPU and bitsandbytes is checked where the model loads
         # (a sweep may be planned on one machine and run on GPU workers).
+        _require(self.train.keep_best != "accuracy" or self.task == "classification",
+                 f"train.keep_best=accuracy needs task classification (task {self.task} has no accuracy); "
+                 "use keep_best: eval_loss")
         quantize = self.method.quantize_base
         _require(quantize is None or self.train.device in ("auto", "cuda"),
                  f"method.quantize_base={quantize!r} (QLoRA) needs a CUDA GPU, but train.device={self.train.device}; "

@@ -418,6 +418,23 @@ CASES = [
     # a folder another process is using
     Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
     Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+    # best checkpoint and early stopping (run/best.py): both watch the periodic evaluations
+    Case("keep-best-without-eval-every", _set("train.keep_best=eval_loss"),
+         "train.keep_best needs train.eval_every"),
+    Case("early-stopping-without-eval-every", _set("train.early_stopping={patience: 2}"),
+         "train.early_stopping needs train.eval_every"),
+    Case("keep-best-unknown", _set("train.keep_best=loss", "train.eval_every=2"),
+         "train.keep_best='loss' is not one of null, eval_loss, accuracy"),
+    Case("keep-best-accuracy-not-classification", _set("train.keep_best=accuracy", "train.eval_every=2"),
+         "train.keep_best=accuracy needs task classification (task instruction has no accuracy)"),
+    Case("early-stopping-patience-zero", _set("train.early_stopping={patience: 0}", "train.eval_every=2"),
+         "train.early_stopping.patience must be >= 1, got 0"),
+    Case("early-stopping-negative-min-delta", _set("train.early_stopping={min_delta: -0.1}", "train.eval_every=2"),
+         "train.early_stopping.min_delta must be >= 0"),
+    Case("early-stopping-unknown-key", _set("train.early_stopping={patiance: 2}", "train.eval_every=2"),
+         "unknown config key train.early_stopping.patiance (did you mean train.early_stopping.patience?)"),
+    Case("early-stopping-not-a-mapping", _set("train.early_stopping=3", "train.eval_every=2"),
+         "train.early_stopping must be a mapping, got int"),
 ]
 
 

@@ -58,7 +58,8 @@ def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path):
     reference_rng = torch.get_rng_state()
 
     resumed, resumed_optimizer, resumed_scheduler = _setup(seed=1)  # other weights, other RNG state
-    loaded_state, loaded_history = load_checkpoint(tmp_path, resumed, resumed_optimizer, resumed_scheduler)
+    restored = load_checkpoint(tmp_path, resumed, resumed_optimizer, resumed_scheduler)
+    loaded_state, loaded_history = restored.state, restored.history
     assert loaded_state == state
     assert loaded_history[0] == history[0] and loaded_history[1]["eval_loss"] != loaded_history[1]["eval_loss"]
     _steps(resumed, resumed_optimizer, resumed_scheduler, 2)

@@ -169,7 +169,8 @@ def test_fsdp_over_two_processes_trains_exactly_as_one(tmp_path, tiny_llama_dir,
     config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl", n=40), name=method)
     settings = ["--set", "train.batch_size=5", "--set", "train.grad_accum=2", "--set", "train.max_steps=4",
                 "--set", "train.eval_every=2", "--set", "train.num_samples=1", "--set", "train.save_every=2",
-                "--set", "train.max_batch_tokens=24", "--set", "train.lr=1e-3"]
+                "--set", "train.max_batch_tokens=24", "--set", "train.lr=1e-3",
+                "--set", "train.keep_best=eval_loss"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["run", str(config), "--out", str(one), *settings]) == 0
     done = subprocess.run(_peftlab(str(config), "--out", str(two), "--nproc", "2", "--set", "train.fsdp=true",

@@ -8,12 +8,16 @@ The file is data only, so a run folder received from someone else cannot run cod
 ``--resume``: one safetensors file whose tensors are
 
   param/<name>            the trainable parameters
+  best/<name>             train.keep_best: the trainable parameters of the best evaluation so far
   optim/<id>/<key>        optimizer state tensors (AdamW exp_avg, exp_avg_sq, step)
   rng/cpu, rng/cuda/<i>   torch RNG states (uint8)
 
 and whose metadata holds, under the key "peftlab", one JSON object: the format tag, the
-TrainState, the metric history, the optimizer's param_groups and non-tensor state, and the
-scheduler's state (LambdaLR's lr_lambdas left out: they are rebuilt from the config).
+TrainState, the metric history, the optimizer's param_groups and non-tensor state, the
+scheduler's state (LambdaLR's lr_lambdas left out: they are rebuilt from the config) and, under
+"best", what the evaluations decided (run/best.py's BestState: best and last evaluation, early
+stopping's count and stop). A checkpoint without "best" (written before it existed) resumes with
+nothing decided yet, which is what a run without keep_best or early_stopping holds anyway.
 It is named ``checkpoint.safetensors`` for what it is. A ``checkpoint.pt`` left by an older
 peftlab (a pickle) still counts as a checkpoint, so --resume refuses it with one line instead of
 quietly starting over; it is never unpickled.
@@ -34,13 +38,14 @@ from torch import nn
 
 from peftlab.diskio import write_atomic_by, writing
 from peftlab.errors import UserError
+from peftlab.run.best import BestState
 from peftlab.run.sharding import full, shard_like
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # its presence means "a checkpoint exists" (run.py, sweep.py)
 LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # older peftlab's pickle: recognised, refused, never loaded
 FORMAT = "peftlab-checkpoint/2"  # /1 was the pickle format, which is refused
 METADATA_KEY = "peftlab"
-PARAM, OPTIM, RNG_CPU, RNG_CUDA = "param/", "optim/", "rng/cpu", "rng/cuda/"
+PARAM, BEST, OPTIM, RNG_CPU, RNG_CUDA = "param/", "best/", "optim/", "rng/cpu", "rng/cuda/"
 
 
 @dataclass
@@ -54,6 +59,15 @@ class TrainState:
     train_tokens: int = 0  # non-padding tokens trained on
 
 
+@dataclass
+class Restored:
+    """What load_checkpoint hands back besides the weights, optimizer, scheduler and RNG it restored."""
+
+    state: TrainState
+    history: list[dict]
+    best: BestState
+
+
 class _Refused(Exception):
     """Why a checkpoint cannot be loaded; load_checkpoint turns it into the one-line UserError."""
 
@@ -62,11 +76,13 @@ class _Refused(Exception):
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState, history: list[dict], *, write: bool = True) -> Path:
+                    scheduler: Any, state: TrainState, history: list[dict], best: BestState | None = None, *,
+                    write: bool = True) -> Path:
     """Write the checkpoint; ``write=False``: a sharded run's other ranks, which only help gather the
     shards (run/sharding.py: every rank must take part in each gather, in the same order)."""
     optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
     tensors = {PARAM + name: _plain(p) for name, p in model.named_parameters() if p.requires_grad}
+    tensors.update({BEST + name: _plain(value) for name, value in (best.weights if best else {}).items()})
     path = directory / CHECKPOINT_FILE
     if not write:
         return path
@@ -76,7 +92,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     tensors.update(_rng_tensors())
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     document = {"format": FORMAT, "state": asdict(state), "history": history,
-                "optimizer": optimizer_json, "scheduler": scheduler_state}
+                "optimizer": optimizer_json, "scheduler": scheduler_state, "best": (best or BestState()).to_json()}
     # a full or read-only disk: one line, and the previous checkpoint kept
     write_atomic_by(path, lambda temporary: save_file(tensors, str(temporary),
                                                       metadata={METADATA_KEY: json.dumps(document)}))
@@ -119,7 +135,7 @@ def has_checkpoint(directory: Path) -> bool:
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[TrainState, list[dict]]:
+                    scheduler: Any) -> Restored:
     """Restore a checkpoint written by save_checkpoint; anything else is refused with one line.
 
     Everything is checked before anything is changed, so a refused checkpoint leaves the model,
@@ -135,6 +151,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         optimizer_state = _checked_optimizer_state(tensors, document, optimizer)
         scheduler_state = _checked_scheduler_state(document, scheduler)
         state, history = _checked_progress(document)
+        best = _checked_best(tensors, document, model)
         rng_cpu, rng_cuda = _checked_rng(tensors)
     except _Refused as why:
         raise UserError(f"checkpoint {path} cannot be loaded safely: {why}; delete it to restart the run") from None
@@ -146,7 +163,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     torch.set_rng_state(rng_cpu)
     for index, value in rng_cuda:
         torch.cuda.set_rng_state(value, index)
-    return state, history
+    return Restored(state, history, best)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -186,6 +203,13 @@ def _checked_parameters(tensors: dict[str, torch.Tensor],
     """(parameter, saved value) pairs; the saved names must be exactly the model's trainable ones."""
     parameters = dict(model.named_parameters())
     saved = {key[len(PARAM):]: value for key, value in tensors.items() if key.startswith(PARAM)}
+    _check_trainable_set(saved, model)
+    return [(parameters[name], value) for name, value in saved.items()]
+
+
+def _check_trainable_set(saved: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Every saved name is a model parameter of the same shape, and every trainable one is saved."""
+    parameters = dict(model.named_parameters())
     for name, value in saved.items():
         if name not in parameters:
             raise _Refused(f"the model has no parameter {name!r}")
@@ -194,7 +218,19 @@ def _checked_parameters(tensors: dict[str, torch.Tensor],
     missing = [name for name, p in parameters.items() if p.requires_grad and name not in saved]
     if missing:
         raise _Refused(f"it lacks the trainable parameter {missing[0]!r}")
-    return [(parameters[name], value) for name, value in saved.items()]
+
+
+def _checked_best(tensors: dict[str, torch.Tensor], document: dict, model: nn.Module) -> BestState:
+    """The best-so-far record; its weights, when there are any, must be exactly the model's trainable ones."""
+    weights = {key[len(BEST):]: value for key, value in tensors.items() if key.startswith(BEST)}
+    if weights:
+        _check_trainable_set(weights, model)
+    if "best" not in document:  # written before keep_best and early_stopping existed
+        return BestState()
+    try:
+        return BestState.from_json(document["best"], weights)
+    except ValueError as why:
+        raise _Refused(str(why)) from None
 
 
 def _checked_optimizer_state(tensors: dict[str, torch.Tensor], document: dict,

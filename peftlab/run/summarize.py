@@ -23,6 +23,7 @@ from peftlab.run.evaluate import EvalResult
 from peftlab.run.resources import data_sha256, environment, load_average, model_sha256, peak_memory
 from peftlab.run.summary import (
     Artifact,
+    Best,
     DataInfo,
     Divergence,
     Params,
@@ -30,6 +31,7 @@ from peftlab.run.summary import (
     Resources,
     RunSummary,
     RunWarning,
+    StoppedEarly,
     data_warnings,
     small_eval_warning,
 )
@@ -50,7 +52,18 @@ def run_summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prep
         divergence=divergence,
         placement=[PlacedModule(t.name, t.layer, t.role, list(t.slices) if t.slices else None,
                                 prepared.ranks.get(t.name)) for t in prepared.targets],
-        artifacts=artifact, samples=samples, **_common(config, data, env, started))
+        artifacts=artifact, samples=samples, best=_best(config, outcome),
+        stopped_early=StoppedEarly(outcome.early_stop.step, outcome.early_stop.reason) if outcome.early_stop else None,
+        **_common(config, data, env, started))
+
+
+def _best(config: RunConfig, outcome: TrainOutcome) -> Best | None:
+    """keep_best's record: which step the summary's metrics and the exported weights are from, and the last's."""
+    metric, best, last = config.train.keep_best, outcome.best, outcome.last_eval
+    if metric is None or best is None or last is None:
+        return None
+    value = best.result.loss if metric == "eval_loss" else best.result.accuracy
+    return Best(metric, best.step, value, last.step, last.result.as_metrics())
 
 
 def reference_summary(config: RunConfig, out_dir: Path, data: TaskData, model: torch.nn.Module, result: EvalResult,

@@ -1,7 +1,7 @@
 """A run's summary (summary.json) as one typed record: what every run writes and every report reads.
 
 Owns: ``RunSummary`` and its fixed-shape parts (Params, Resources, Artifact, DataInfo, Divergence,
-Collapse, PlacedModule, RunWarning), the kinds of warning a run records, the small-eval threshold,
+Collapse, Best, StoppedEarly, PlacedModule, RunWarning), the kinds of warning a run records, the small-eval threshold,
 and reading and writing summary.json. Metrics, environment, config, samples and the sweep's trial
 info stay dicts: their keys are open sets.
 
@@ -155,6 +155,27 @@ class Collapse(_Record):
 
 
 @dataclass
+class Best(_Record):
+    """train.keep_best: the evaluation whose weights were exported and whose metrics are the summary's.
+
+    The last evaluation's metrics are kept beside it (also in metrics.jsonl, as every evaluation's are)."""
+
+    metric: str  # eval_loss | accuracy
+    step: int
+    value: float
+    last_step: int  # the last evaluation: the final one, or the one training stopped early at
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StoppedEarly(_Record):
+    """train.early_stopping ended training before its last step; the run is still completed."""
+
+    step: int
+    reason: str
+
+
+@dataclass
 class PlacedModule(_Record):
     """One adapted module: its name, layer, role, the slices of a fused projection, and its LoRA rank."""
 
@@ -208,6 +229,8 @@ class RunSummary:
     traceback: str | None = None  # ... and in full
     collapse: Collapse | None = None
     sweep: dict[str, Any] | None = None  # the trial's info when a sweep ran it (sweep.Trial.info)
+    best: Best | None = None  # train.keep_best
+    stopped_early: StoppedEarly | None = None  # train.early_stopping
 
     def warning_messages(self, *, leave_out: tuple[str, ...] = ()) -> list[str]:
         return [w.message for w in self.warnings if w.kind not in leave_out]
@@ -228,7 +251,9 @@ class RunSummary:
         payload.update({"data": _part_json(self.data), "warnings": [asdict(w) for w in self.warnings],
                         "environment": dict(self.environment), "started": self.started,
                         "wall_seconds": self.wall_seconds, "config": self.config,
-                        **_present(collapse=self.collapse.to_json() if self.collapse else None, sweep=self.sweep)})
+                        **_present(collapse=self.collapse.to_json() if self.collapse else None, sweep=self.sweep,
+                                   best=self.best.to_json() if self.best else None,
+                                   stopped_early=self.stopped_early.to_json() if self.stopped_early else None)})
         return finite_only(payload)
 
     @classmethod
@@ -255,7 +280,8 @@ class RunSummary:
             environment=dict(raw.get("environment") or {}), started=raw.get("started") or "",
             wall_seconds=raw.get("wall_seconds") or 0.0, config=dict(raw.get("config") or {}),
             role=raw.get("role"), error=raw.get("error"), traceback=raw.get("traceback"),
-            collapse=_part(Collapse, raw.get("collapse")), sweep=raw.get("sweep"))
+            collapse=_part(Collapse, raw.get("collapse")), sweep=raw.get("sweep"), best=_part(Best, raw.get("best")),
+            stopped_early=_part(StoppedEarly, raw.get("stopped_early")))
 
 
 def _present(**values: Any) -> dict[str, Any]:

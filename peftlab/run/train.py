@@ -3,7 +3,9 @@
 The optimizer and schedule of run/optimizer.py, gradient accumulation with exact token weighting,
 clipping, checkpoints and exact resume, and divergence detection: a non-finite
 loss or gradient stops the run and names the step and the parameters, and so does
-a non-finite loss at any evaluation, the final one included.
+a non-finite loss at any evaluation, the final one included. Every evaluation goes to a
+``BestTracker`` (run/best.py): train.keep_best restores the best weights at the end, and
+train.early_stopping ends the loop early, as a completed run.
 
 Public measurement points, so a benchmark measures the real step and patches nothing: ``optimizer_step``
 and ``accumulate_gradients`` (its forward and backward) take the loss and batch splitter as ``StepOptions``;
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, split_by_tokens
+from peftlab.run.best import BestTracker, EarlyStop, EvalPoint
 from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from peftlab.run.distributed import SINGLE, World, any_across, max_across, shard, sum_across, sum_gradients
 from peftlab.run.evaluate import EvalResult, evaluate
@@ -63,11 +66,14 @@ class TrainOutcome:
     status: str  # "completed" | "diverged"
     state: TrainState
     total_steps: int
-    final_eval: EvalResult | None = None
+    final_eval: EvalResult | None = None  # what the run reports: keep_best's best evaluation, else the last
     divergence: dict | None = None  # {"step", "reason", "parameters"}
     train_eval: EvalResult | None = None  # the final model on a subset of its training examples
     history: list[dict] = field(default_factory=list)
     load_avg_max: float | None = None  # highest 1-minute load average seen; None where the OS has none
+    best: EvalPoint | None = None  # keep_best: the evaluation whose weights the model holds at the end
+    last_eval: EvalPoint | None = None  # the last evaluation: the final one, or the one training stopped early at
+    early_stop: EarlyStop | None = None
     # Measurements of this call (a resumed run counts from the resume), for benchmarks; not in the summary.
     padded_tokens: int = 0  # positions the training steps ran on, padding included
     eval_seconds: float = 0.0  # wall seconds of the evaluations during and at the end of training
@@ -137,11 +143,13 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     optimizer = build_optimizer(model, cfg)
     total_steps = total_steps_for(cfg, len(train_examples))
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    state, history = TrainState(), []
+    state, history, tracker = TrainState(), [], BestTracker(cfg, parameters)
     torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the saved RNG state instead
     if resume and checkpoint_dir is not None:
         if has_checkpoint(checkpoint_dir):
-            state, history = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+            restored = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+            state, history = restored.state, restored.history
+            tracker = BestTracker(cfg, parameters, restored.best)
             log.message(f"resumed from step {state.step} of {total_steps}")
         # the log as it was at the checkpoint (empty without one): no step, no evaluation, logged twice
         log.truncate_after(state.step, history)
@@ -162,7 +170,8 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     def checkpoint() -> None:
         # sharded blocks are gathered whole for the file: every rank takes part, rank 0 writes
         if checkpoint_dir is not None and (world.is_main or world.sharded):
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history, write=world.is_main)
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, history, tracker.state,
+                            write=world.is_main)
 
     stream = micro_batches(train_examples, cfg, pad_id, state)
     model.train()
@@ -170,7 +179,9 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                disable=not world.is_main)
     try:
         with GracefulStop() as stop:
-            while state.step < total_steps:
+            # a run resumed from the checkpoint of its early stop trains no further; under torchrun every rank
+            # stops after the same step, since its tracker saw the same reduced evaluation (run/best.py)
+            while state.step < total_steps and tracker.stopped is None:
                 # checked before each step: also catches a signal sent while the model loaded; every rank
                 # stops after the same step, whichever of them the signal reached first
                 if any_across(stop.requested, world, device):
@@ -185,13 +196,15 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                    run_eval()
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    checkpoint()
+                    tracker.observe(state.step, run_eval(), periodic=True)
+                if (cfg.save_every and state.step % cfg.save_every == 0) or tracker.stopped is not None:
+                    checkpoint()  # on an early stop too: killed before its summary, a resume trains no further
                 if on_step is not None:
                     on_step(state.step)
         bar.close()
-        outcome.final_eval = run_eval()
+        if tracker.stopped is None:  # stopped early, the last periodic evaluation is the final one
+            tracker.observe(state.step, run_eval(), periodic=False)
+        _finish(tracker, outcome, log)
     except Diverged as error:
         step = error.step if error.step is not None else state.step + 1
         outcome.status = "diverged"
@@ -213,6 +226,19 @@ def evaluate_on(model: nn.Module, examples: list[dict], task: str, cfg: TrainCon
 def eval_divergence(result: EvalResult) -> str | None:
     """Why an evaluation counts as a divergence (a NaN or inf loss), or None when it does not."""
     return None if math.isfinite(result.loss) else f"non-finite eval loss ({result.loss})"
+
+
+def _finish(tracker: BestTracker, outcome: TrainOutcome, log: MetricsLog) -> None:
+    """Restore keep_best's weights (before the caller exports the model) and record what the run reports."""
+    outcome.last_eval, outcome.early_stop = tracker.state.last, tracker.stopped
+    if outcome.early_stop is not None:
+        log.message(f"stopped early after step {outcome.early_stop.step}: {outcome.early_stop.reason}")
+    reported = tracker.restore()
+    outcome.final_eval = reported.result if reported is not None else None
+    outcome.best = tracker.state.best
+    if outcome.best is not None and outcome.last_eval is not None:
+        log.message(f"best {tracker.keep} at step {outcome.best.step} of {outcome.last_eval.step}: its weights are "
+                    "exported and its metrics reported")
 
 
 def _stop_here(step: int, checkpoint: Callable[[], None], log: MetricsLog) -> None:

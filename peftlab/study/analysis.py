@@ -136,6 +136,9 @@ def result_row(run: RunRecord) -> dict[str, Any]:
                 "eval_majority_label": data and data.eval_majority_label,
                 "eval_majority_accuracy": data and data.eval_majority_accuracy,
                 "started": s and s.started, "wall_seconds": s and s.wall_seconds})
+    # train.keep_best / train.early_stopping: the step the metrics (and weights) are from, where training stopped
+    row.update({"best_step": s.best.step if s and s.best else None,
+                "stopped_early_step": s.stopped_early.step if s and s.stopped_early else None})
     return row
 
 

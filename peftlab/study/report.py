@@ -163,9 +163,17 @@ def summary_table(a: Analysis) -> Block:
 def runs_table(a: Analysis) -> Block:
     headers = ["run", "strategy", "seed", "status", a.quality, "trainable params", "train time (s)", "note"]
     rows = [[r["run_id"], r["strategy"], r["seed"], r["status"], _num(r.get(a.quality), "{:.4f}"),
-             _num(r.get("trainable_params"), "{:,.0f}"), _num(r.get("train_seconds"), "{:.1f}"), r["reason"]]
+             _num(r.get("trainable_params"), "{:,.0f}"), _num(r.get("train_seconds"), "{:.1f}"),
+             r["reason"] or _steps(r)]
             for r in a.rows]
     return ("table", headers, rows)
+
+
+def _steps(row: dict[str, Any]) -> str:
+    """A completed run's note: the step its metrics are from (train.keep_best), where it stopped early."""
+    notes = ([f"best at step {row['best_step']}"] if row.get("best_step") is not None else []) + \
+        ([f"stopped early at step {row['stopped_early_step']}"] if row.get("stopped_early_step") is not None else [])
+    return "; ".join(notes)
 
 
 def environment_blocks(a: Analysis) -> list[Block]:

@@ -20,6 +20,7 @@ from peftlab.study.stats import GroupStats
 from peftlab.study.sweep import REFERENCE
 
 METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss")
+STEP_KEYS = ("best_step", "stopped_early_step")  # train.keep_best, train.early_stopping
 
 
 def write_tables(directory: Path, analysis: Analysis) -> dict[str, Path]:
@@ -37,14 +38,15 @@ def result_columns(rows: list[dict[str, Any]], grid_keys: list[str]) -> list[str
     """results.csv's columns: the known metrics a run has, then any other metric a run reported, then the rest."""
     extra_metrics = sorted({k for r in rows for k in r if k not in METRIC_KEYS} - _KNOWN - set(grid_keys) - {"grid"})
     metrics = [k for k in METRIC_KEYS if any(r.get(k) is not None for r in rows)] + extra_metrics
-    return (["run_id", "strategy", *grid_keys, "seed", "status", "reason", "model", "task", "method", *metrics,
+    steps = [k for k in STEP_KEYS if any(r.get(k) is not None for r in rows)]  # only in sweeps that use them
+    return (["run_id", "strategy", *grid_keys, "seed", "status", "reason", "model", "task", "method", *metrics, *steps,
              "trainable_params", "total_params", "percent_trainable", *RESOURCE_KEYS, "train_examples",
              "eval_examples", "started", "wall_seconds"])
 
 
 _KNOWN = {"run_id", "strategy", "seed", "status", "reason", "model", "task", "method", "trainable_params",
           "total_params", "percent_trainable", *RESOURCE_KEYS, "train_examples", "eval_examples", "started",
-          "wall_seconds"}
+          "wall_seconds", *STEP_KEYS}
 
 
 def summary_rows(groups: list[GroupStats], metrics: list[str], grid_keys: list[str]) -> tuple[list[dict], list[str]]:
