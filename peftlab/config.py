@@ -464,6 +464,18 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Data keys added after runs were committed, with the default that leaves their examples as they were.
+# What names a data set (a sweep's base-model evaluation id hashes it) leaves these out at that default,
+# so the committed studies keep their folder names.
+DATA_KEYS_ADDED_LATER = {"format": "auto", "template": "auto"}
+
+
+def data_identity(data: DataConfig) -> dict[str, Any]:
+    """The data config as a dict without the later keys at their neutral defaults (see DATA_KEYS_ADDED_LATER)."""
+    return {key: value for key, value in config_to_dict(data).items()
+            if key not in DATA_KEYS_ADDED_LATER or value != DATA_KEYS_ADDED_LATER[key]}
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two config dicts (what a refused --resume names)."""
     changed = []
