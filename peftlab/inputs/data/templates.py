@@ -66,9 +66,10 @@ def encode_chat(conversation: Conversation, tokenizer: Any, max_length: int, res
     answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     texts = []
     for i in answers:  # the text before each assistant turn and through it, then the whole conversation
-        texts += [_render(tokenizer, messages[:i], True, conversation), _render(tokenizer, messages[:i + 1], False,
-                                                                               conversation)]
+        texts.append(_render(tokenizer, messages[:i], True, conversation))
+        texts.append(_render(tokenizer, messages[:i + 1], False, conversation))
     texts.append(_render(tokenizer, messages, False, conversation))
+    # one batched call: [before 1, through 1, ..., before k, through k, whole]
     *bounds, full = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for index, ids in enumerate(bounds):
         if full[:len(ids)] != ids:
