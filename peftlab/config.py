@@ -55,6 +55,11 @@ def _require_finite(section: Any, prefix: str) -> None:
 # shuffled: one permutation seeded by data.seed, eval taken first; contiguous: rows in source order,
 # train = the first train_size, eval = the next eval_size (a slice split like alpaca train[:100]).
 SPLIT_MODES = ("shuffled", "contiguous")
+# Instruction data: how records are laid out (auto = told by the first record's keys), and the template
+# that turns them into text (auto = the tokenizer's chat template for conversational data when the
+# tokenizer has one, else alpaca). See peftlab.inputs.data.conversations and .templates.
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
+TEMPLATES = ("auto", "alpaca", "chat", "none")
 
 
 @dataclass
@@ -72,9 +77,15 @@ class DataConfig:
     labels: list[str] | None = None  # classification: label names in id order (default: sorted)
     seed: int = 0  # train/eval split seed, kept apart from the training seed
     split_mode: str = "shuffled"  # shuffled | contiguous (see SPLIT_MODES)
+    # instruction: auto | alpaca | messages | sharegpt. The defaults keep old runs' configs and token ids:
+    # alpaca-format data under auto is the Alpaca prompt, as before these keys existed.
+    format: str = "auto"
+    template: str = "auto"  # instruction: auto | alpaca | chat | none (see TEMPLATES)
 
     def __post_init__(self) -> None:
         _require_finite(self, "data.")
+        _require(self.format in DATA_FORMATS, _choice_message("data.format", self.format, DATA_FORMATS))
+        _require(self.template in TEMPLATES, _choice_message("data.template", self.template, TEMPLATES))
         _require(self.eval_size > 0, "data.eval_size must be > 0 (a count, or a fraction below 1)")
         _require(self.eval_size < 1 or float(self.eval_size).is_integer(),
                  f"data.eval_size={self.eval_size}: use a whole count or a fraction below 1")
@@ -320,6 +331,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.task in TASKS, _choice_message("task", self.task, TASKS))
         _require(bool(self.model), "model must name an alias, a hub id or a local dir")
+        for key in ("format", "template"):  # only instruction data has a layout and a template to choose
+            value = getattr(self.data, key)
+            _require(self.task == "instruction" or value == "auto",
+                     f"data.{key}={value!r} is for task instruction only (task is {self.task}); remove it")
         # Static only: whether this machine has a GPU and bitsandbytes is checked where the model loads
         # (a sweep may be planned on one machine and run on GPU workers).
         _require(self.train.keep_best != "accuracy" or self.task == "classification",
@@ -482,6 +497,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+# Data keys added after runs were committed, with the default that leaves their examples as they were.
+# What names a data set (a sweep's base-model evaluation id hashes it) leaves these out at that default,
+# so the committed studies keep their folder names.
+DATA_KEYS_ADDED_LATER = {"format": "auto", "template": "auto"}
+
+
+def data_identity(data: DataConfig) -> dict[str, Any]:
+    """The data config as a dict without the later keys at their neutral defaults (see DATA_KEYS_ADDED_LATER)."""
+    return {key: value for key, value in config_to_dict(data).items()
+            if key not in DATA_KEYS_ADDED_LATER or value != DATA_KEYS_ADDED_LATER[key]}
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

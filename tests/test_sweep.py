@@ -637,3 +637,15 @@ def test_each_finished_training_run_says_about_how_long_the_sweep_has_left(tmp_p
     assert [m.rsplit("; ", 1)[-1] for m in finished[1:4]] == [
         "about 15 min left", "about 10 min left", "about 5 min left"]
     assert "left" not in finished[4]  # the last run: nothing left to estimate
+
+
+@pytest.mark.parametrize("study", ["adaptive_ranks", "lora_vs_full", "methods_classification", "selective_placement"])
+def test_the_committed_studies_keep_their_base_model_folders(study):
+    """The base-model reference's id hashes the data config: a data key added later (data.format,
+    data.template) must not rename it, or resuming a committed study evaluates the base model again
+    into a new folder and leaves the old one orphaned."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.join(root, "docs", "results", study)
+    trials = expand_all(load_sweep(os.path.join(root, "examples", f"{study}.yaml")), out)
+    references = [t for t in trials if t.is_reference]
+    assert references and all(t.out_dir.is_dir() for t in references), [str(t.out_dir) for t in references]

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from peftlab.inputs.data import encode_prompt
+from peftlab.inputs.data import EvalPrompt
 from peftlab.run.distributed import SINGLE, World, gather_objects, sum_across
 from peftlab.run.losses import LossFn, classification_loss_sum, label_units, loss_sum
 from peftlab.run.sharding import FILLER
@@ -123,18 +123,19 @@ def macro_f1(predicted: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def generate_samples(model: nn.Module, tokenizer, prompts: list[tuple[str, str]], *, max_new_tokens: int,
+def generate_samples(model: nn.Module, tokenizer, prompts: list[EvalPrompt], *, max_new_tokens: int,
                      device: torch.device) -> list[dict[str, str]]:
     """Greedy completions of a few eval prompts, recorded beside the reference answers."""
     was_training = model.training
     model.eval()
     samples = []
-    for prompt, reference in prompts:
-        # Tokenized exactly as in training, so the model sees the prompt it learned from.
-        input_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+    for prompt in prompts:
+        # The ids training gave this prompt (same template; chat: with the generation prompt), so the
+        # model continues where it learned to answer.
+        input_ids = torch.tensor([prompt.prompt_ids], device=device)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         completion = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "reference": reference, "generated": completion.strip()})
+        samples.append({"prompt": prompt.prompt, "reference": prompt.reference, "generated": completion.strip()})
     model.train(was_training)
     return samples

@@ -47,6 +47,7 @@ from peftlab.config import (
     TrainConfig,
     apply_overrides,
     config_to_dict,
+    data_identity,
     did_you_mean,
     from_dict,
     load_yaml,
@@ -315,7 +316,8 @@ def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
     references: dict[str, Trial] = {}
     for trial in trials:
         key = json.dumps({"model": trial.config.model, "task": trial.config.task,
-                          "data": config_to_dict(trial.config.data)}, sort_keys=True, default=str)
+                          # keys added later leave out their neutral defaults: the committed studies keep their ids
+                          "data": data_identity(trial.config.data)}, sort_keys=True, default=str)
         if key not in references:
             run_id = f"{REFERENCE}__{hashlib.sha256(key.encode()).hexdigest()[:8]}"
             references[key] = Trial(run_id, REFERENCE, -1, {}, trial.seed, reference_config(trial.config),

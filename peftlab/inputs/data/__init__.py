@@ -9,7 +9,9 @@ The modules, in the order data flows through them:
 
 * ``sources``: where records come from (embedded alias, local file, hub dataset) and their fields.
 * ``split``: the seeded train/eval split.
-* ``formats``: prompt templates and encoding (what one example's ids and labels are).
+* ``conversations``: instruction data formats (alpaca, messages, sharegpt) read into checked turns.
+* ``formats``: the Alpaca and plain prompts and encoding (what one example's ids and labels are).
+* ``templates``: which template renders instruction data, and the chat template's encoding.
 * ``tasks``: ``TaskData`` and ``load_task_data``, one builder per task.
 * ``batching``: length-grouped, dynamically padded batches and token-capped pieces.
 
@@ -30,11 +32,11 @@ from peftlab.inputs.data.formats import (
 )
 from peftlab.inputs.data.sources import FILE_TYPES, TASK_FIELDS, check_utf8, load_rows, select_fields
 from peftlab.inputs.data.split import contiguous_split, eval_count, split_indices
-from peftlab.inputs.data.tasks import TaskData, label_mapping, load_task_data
+from peftlab.inputs.data.tasks import EvalPrompt, TaskData, label_mapping, load_task_data
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FILE_TYPES", "IGNORE_INDEX", "MEGABATCH_FACTOR", "TASK_FIELDS",
-    "TaskData", "batch_indices", "batches", "causal_chunks", "check_utf8", "collate", "contiguous_split",
+    "EvalPrompt", "TaskData", "batch_indices", "batches", "causal_chunks", "check_utf8", "collate", "contiguous_split",
     "encode_prompt", "encode_response", "end_of_text_id", "eval_count", "format_prompt", "instruction_example",
     "label_mapping", "load_rows", "load_task_data", "num_batches", "select_fields", "split_by_tokens",
     "split_indices",

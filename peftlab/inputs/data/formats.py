@@ -1,8 +1,9 @@
 """Prompt templates and encoding: what one example's token ids and labels are.
 
-Owns the Alpaca templates, how a prompt and a response are tokenized (the tokenizer's leading
-special tokens, EOS closing a response), the response-only labels of an instruction example,
-and causal-LM chunks. Generation encodes its prompts here too, so they match training exactly.
+Owns the Alpaca templates and the untemplated prompt (data.template none), how a prompt and a
+response are tokenized (the tokenizer's leading special tokens, EOS closing a response), the
+response-only labels of an instruction example, and causal-LM chunks. The chat template's
+encoding is ``templates``'; eval prompts carry the ids training used, so generation matches it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def format_prompt(record: dict) -> str:
     if text_input:
         return ALPACA_PROMPT.format(instruction=str(record["instruction"]).strip(), input=text_input)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=str(record["instruction"]).strip())
+
+
+def plain_prompt(record: dict) -> str:
+    """data.template none: the instruction as it is, then the input after a blank line when there is one.
+
+    Nothing is added between prompt and response: a separator the data wants is the data's to hold.
+    """
+    text_input = str(record.get("input") or "").strip()
+    return str(record["instruction"]) + (f"\n\n{text_input}" if text_input else "")
+
+
+PROMPTS = {"alpaca": format_prompt, "none": plain_prompt}  # data.template -> its prompt text (chat: templates)
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:

@@ -133,8 +133,10 @@ def select_fields(rows: list[dict], cfg: DataConfig, task: str) -> tuple[list[di
     missing = [name for name in required if cfg.fields.get(name, name) not in columns]
     if missing:
         wanted = ", ".join(f"{name} (column {cfg.fields.get(name, name)!r})" for name in missing)
-        raise UserError(f"data {cfg.source!r} lacks {wanted}; its columns are {', '.join(sorted(columns))}; "
-                        f"map them with data.fields, e.g. {{{missing[0]}: <column>}}")
+        conversational = (" (or, for conversations, a 'messages' or 'conversations' column)"
+                          if task == "instruction" else "")
+        raise UserError(f"data {cfg.source!r} lacks {wanted}{conversational}; its columns are "
+                        f"{', '.join(sorted(columns))}; map them with data.fields, e.g. {{{missing[0]}: <column>}}")
     records = []
     for row in rows:
         record = {name: row.get(cfg.fields.get(name, name)) for name in required + optional}

@@ -1,8 +1,9 @@
 """Task data: records -> a seeded split -> tokenized examples, one builder per task.
 
 Owns ``TaskData`` and ``load_task_data``, and what each task makes of its records: instruction
-examples with response-only labels, classification label ids (with the warnings a label layout
-earns), causal-LM chunks split by chunk rather than by record.
+examples (alpaca, none or chat template; labels on the response or on every assistant turn),
+classification label ids (with the warnings a label layout earns), causal-LM chunks split by
+chunk rather than by record.
 """
 
 from __future__ import annotations
@@ -17,17 +18,34 @@ import numpy as np
 
 from peftlab.config import DataConfig
 from peftlab.errors import UserError
+from peftlab.inputs.data.conversations import (
+    Conversation,
+    as_conversation,
+    as_exchange,
+    detect_format,
+    read_conversations,
+)
 from peftlab.inputs.data.formats import (
+    PROMPTS,
     causal_chunks,
     end_of_text_id,
-    format_prompt,
     instruction_example,
     special_affixes,
 )
 from peftlab.inputs.data.sources import TASK_FIELDS, load_rows, select_fields
 from peftlab.inputs.data.split import split_indices
+from peftlab.inputs.data.templates import choose_template, encode_chat
 
 _log = logging.getLogger(__name__)  # under "peftlab": the CLI or the run decides where it goes (peftlab.messages)
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """An eval record's prompt for a generated sample: its text, the ids training gave it, the reference answer."""
+
+    prompt: str  # the template's text (chat: the conversation up to its last assistant turn, generation prompt on)
+    reference: str
+    prompt_ids: list[int]  # the example's own prompt ids, so generation starts where training's response did
 
 
 @dataclass
@@ -36,7 +54,7 @@ class TaskData:
     eval: list[dict]
     num_labels: int | None
     label_names: list[str] | None
-    eval_prompts: list[tuple[str, str]]  # instruction: (prompt text, reference output) of eval records
+    eval_prompts: list[EvalPrompt]  # instruction: one per eval example, same template as training
     dropped: int = 0  # records left out: a missing value, or no response token fits in max_length
     # Data that trains, but maybe not as meant (a label only in eval, a class with no example, empty
     # prompts): one line each, with counts, for the run to log and put in summary.json.
@@ -48,59 +66,96 @@ def load_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
     if task not in TASK_FIELDS:
         raise UserError(f"task={task!r} is not one of {', '.join(TASK_FIELDS)}")
     rows, class_names = load_rows(cfg)
-    records, dropped = select_fields(rows, cfg, task)
-    if not records:
-        raise UserError(f"data {cfg.source!r}: every record lacks a value for a required field")
-    if task == "causal_lm":
-        data = _causal_lm(records, cfg, tokenizer)
-    elif task == "classification":
-        data = _classification(records, cfg, tokenizer, class_names)
+    if task == "instruction":
+        data = _instruction(rows, cfg, tokenizer)
     else:
-        data = _instruction(records, cfg, tokenizer)
-    data.dropped += dropped
+        records, dropped = _required_fields(rows, cfg, task)
+        data = (_causal_lm(records, cfg, tokenizer) if task == "causal_lm"
+                else _classification(records, cfg, tokenizer, class_names))
+        data.dropped += dropped
     if data.dropped:
         _log.info("%d of %d records of %r left out (a missing value, or a prompt that fills data.max_length=%s)",
                   data.dropped, len(rows), cfg.source, cfg.max_length)
     return data
 
 
-def _instruction(records: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskData:
-    train_idx, eval_idx = split_indices(len(records), cfg)
-    train, dropped_train = _encode_instructions([records[i] for i in train_idx], cfg, tokenizer)
-    eval_pairs, dropped_eval = _encode_instructions([records[i] for i in eval_idx], cfg, tokenizer)
-    return TaskData(train=[example for example, _ in train], eval=[example for example, _ in eval_pairs],
-                    num_labels=None, label_names=None,
-                    eval_prompts=[(format_prompt(record), str(record["output"])) for _, record in eval_pairs],
-                    dropped=dropped_train + dropped_eval, warnings=_empty_text_warnings(records))
+def _required_fields(rows: list[dict], cfg: DataConfig, task: str) -> tuple[list[dict], int]:
+    records, dropped = select_fields(rows, cfg, task)
+    if not records:
+        raise UserError(f"data {cfg.source!r}: every record lacks a value for a required field")
+    return records, dropped
 
 
-def _empty_text_warnings(records: list[dict]) -> list[str]:
-    """One warning per instruction field that is empty (or blank) in some records, with the count."""
+# --- instruction --------------------------------------------------------------------------------
+
+Item = dict | Conversation  # an alpaca record (alpaca and none templates) or a conversation (chat)
+
+
+def _instruction(rows: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskData:
+    fmt = detect_format(rows, cfg)
+    template, why = choose_template(cfg, fmt, tokenizer)
+    _log.info("instruction data: %s format, %s template: %s", fmt, template, why)
+    dropped = 0
+    if fmt == "alpaca":
+        records, dropped = _required_fields(rows, cfg, "instruction")
+        items: list[Item] = ([as_conversation(r, n) for n, r in enumerate(records, start=1)]
+                             if template == "chat" else records)
+    else:
+        conversations = read_conversations(rows, fmt, cfg)
+        items = conversations if template == "chat" else [as_exchange(c, template) for c in conversations]
+    train_idx, eval_idx = split_indices(len(items), cfg)
+    train, dropped_train = _encode(template, [items[i] for i in train_idx], cfg, tokenizer)
+    evals, dropped_eval = _encode(template, [items[i] for i in eval_idx], cfg, tokenizer)
+    return TaskData(train=[example for example, _ in train], eval=[example for example, _ in evals],
+                    num_labels=None, label_names=None, eval_prompts=[prompt for _, prompt in evals],
+                    dropped=dropped + dropped_train + dropped_eval, warnings=_empty_text_warnings(items))
+
+
+def _empty_text_warnings(items: list[Item]) -> list[str]:
+    """One warning per instruction field (or for assistant turns) that is empty in some records, with the count."""
+    if items and isinstance(items[0], Conversation):
+        empty = sum(1 for c in items if any(t.role == "assistant" and not t.content.strip() for t in c.turns))
+        return [f"{empty} of {len(items)} conversations have an empty assistant turn: its loss is on the "
+                f"template's end-of-turn tokens alone"] if empty else []
     effects = {"instruction": "their prompt is the template alone",
                "output": "their response is the end-of-text token alone"}
     warnings = []
     for name, effect in effects.items():
-        empty = sum(1 for record in records if not str(record[name]).strip())
+        empty = sum(1 for record in items if not str(record[name]).strip())
         if empty:
-            warnings.append(f"{empty} of {len(records)} records have an empty {name}: {effect}")
+            warnings.append(f"{empty} of {len(items)} records have an empty {name}: {effect}")
     return warnings
 
 
-def _encode_instructions(records: list[dict], cfg: DataConfig,
-                         tokenizer: Any) -> tuple[list[tuple[dict, dict]], int]:
-    """[(example, its record)] for the records that fit, and how many did not."""
+def _encode(template: str, items: list[Item], cfg: DataConfig,
+            tokenizer: Any) -> tuple[list[tuple[dict, EvalPrompt]], int]:
+    """[(example, its eval prompt)] for the items that fit in max_length, and how many did not."""
+    if template == "chat":
+        kept = []
+        for conversation in items:
+            encoded = encode_chat(conversation, tokenizer, cfg.max_length, cfg.response_only)
+            if encoded.example is not None:
+                kept.append((encoded.example, EvalPrompt(encoded.prompt, encoded.reference, encoded.prompt_ids)))
+        return kept, len(items) - len(kept)
+    return _encode_exchanges(items, PROMPTS[template], cfg, tokenizer)
+
+
+def _encode_exchanges(records: list[dict], prompt_of: Any, cfg: DataConfig,
+                      tokenizer: Any) -> tuple[list[tuple[dict, EvalPrompt]], int]:
+    """Prompt (``prompt_of(record)`` after the tokenizer's leading specials), then response and EOS."""
     if not records:
         return [], 0
     # One batched call per side: tokenizers parallelise lists, item-by-item calls are ~5x slower.
     prefix, _ = special_affixes(tokenizer)
     eos = end_of_text_id(tokenizer)
-    prompts = tokenizer([format_prompt(r) for r in records], add_special_tokens=False)["input_ids"]
+    texts = [prompt_of(r) for r in records]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     responses = tokenizer([str(r["output"]) for r in records], add_special_tokens=False)["input_ids"]
     kept = []
-    for record, prompt_ids, response_ids in zip(records, prompts, responses, strict=True):
+    for record, text, prompt_ids, response_ids in zip(records, texts, prompts, responses, strict=True):
         example = instruction_example(prefix + prompt_ids, response_ids + [eos], cfg.max_length, cfg.response_only)
         if example is not None:
-            kept.append((example, record))
+            kept.append((example, EvalPrompt(text, str(record["output"]), prefix + prompt_ids)))
     return kept, len(records) - len(kept)
 
 
