@@ -418,6 +418,11 @@ CASES = [
     # a folder another process is using
     Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
     Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+    # train.max_batch_tokens: auto, null/0 or an integer >= 8
+    Case("max-batch-tokens-word", _set("train.max_batch_tokens=big"),
+         "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 'big'"),
+    Case("max-batch-tokens-small", _set("train.max_batch_tokens=4"),
+         "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 4"),
 ]
 
 

@@ -30,7 +30,7 @@ from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
 from peftlab.run.precision import autocast_for
-from peftlab.run.resources import load_average
+from peftlab.run.resources import load_average, resolved_split
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
 
@@ -132,6 +132,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     ``world``: the ranks of a multi-process run (run/distributed.py); each trains on its share of every
     batch, gradients and metrics are summed over all, and only rank 0 writes checkpoints.
     """
+    cfg = resolved_split(cfg, device, log)  # train.max_batch_tokens auto -> this device's value, in train.log
     parameters = trainable_named_parameters(model)
     optimizer = build_optimizer(model, cfg)
     total_steps = total_steps_for(cfg, len(train_examples))
