@@ -221,7 +221,7 @@ class TrainConfig:
     # Split a batch whose padded size (rows x longest) exceeds this many tokens into pieces run one
     # after another in the same optimizer step: the update is the same (up to float rounding and
     # dropout draws), peak activation memory is bounded and pieces carry less padding. auto: chosen
-    # per device (peftlab.run.resources.resolve_max_batch_tokens: 256 on the CPU, off on GPUs);
+    # per device (peftlab.run.resources.max_batch_tokens_for: 256 on the CPU, off on GPUs);
     # null or 0: no split. Execution only: a changed value is not a changed config (EXECUTION_ONLY_KEYS).
     max_batch_tokens: int | str | None = "auto"
     lr: float = 2e-4

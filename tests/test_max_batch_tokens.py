@@ -11,11 +11,18 @@ import pytest
 import torch
 import yaml
 
-from peftlab.config import EXECUTION_ONLY_KEYS, RunConfig, TrainConfig, changed_keys, config_to_dict, from_dict
-from peftlab.config import load_yaml
+from peftlab.config import (
+    EXECUTION_ONLY_KEYS,
+    RunConfig,
+    TrainConfig,
+    changed_keys,
+    config_to_dict,
+    from_dict,
+    load_yaml,
+)
 from peftlab.errors import UserError
 from peftlab.run.folder import check_out_dir
-from peftlab.run.resources import AUTO_MAX_BATCH_TOKENS, resolve_max_batch_tokens, resolved_split
+from peftlab.run.resources import AUTO_MAX_BATCH_TOKENS, max_batch_tokens_for, resolved_split
 from peftlab.study.resume import plan
 from peftlab.study.sweep import expand, load_sweep
 
@@ -25,12 +32,12 @@ STUDIES = sorted(p.name for p in (REPO / "docs" / "results").iterdir() if (p / "
 
 def test_the_default_is_auto_and_auto_resolves_per_device():
     assert TrainConfig().max_batch_tokens == "auto"
-    assert resolve_max_batch_tokens("auto", torch.device("cpu")) == 256 == AUTO_MAX_BATCH_TOKENS["cpu"]
-    assert resolve_max_batch_tokens("auto", torch.device("cuda")) is None
-    assert resolve_max_batch_tokens("auto", torch.device("mps")) is None
+    assert max_batch_tokens_for("auto", torch.device("cpu")) == 256 == AUTO_MAX_BATCH_TOKENS["cpu"]
+    assert max_batch_tokens_for("auto", torch.device("cuda")) is None
+    assert max_batch_tokens_for("auto", torch.device("mps")) is None
     for setting in (64, None):  # a set value is used as set, on every device
-        assert resolve_max_batch_tokens(setting, torch.device("cpu")) == setting
-        assert resolve_max_batch_tokens(setting, torch.device("cuda")) == setting
+        assert max_batch_tokens_for(setting, torch.device("cpu")) == setting
+        assert max_batch_tokens_for(setting, torch.device("cuda")) == setting
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), (None, None), (0, None), (8, 8), (4096, 4096)])
@@ -83,7 +90,8 @@ def test_a_committed_study_made_with_max_batch_tokens_null_resumes_as_it_did_bef
     assert saved and set(saved) == {None}  # made before the default became auto
     trials = expand(load_sweep(REPO / "examples" / f"{study}.yaml"), tmp_path / "ids")
     assert {t.config.train.max_batch_tokens for t in trials} == {"auto"}  # the sweep file leaves it at the default
-    assert {t.run_id for t in trials} <= {t["run_id"] for t in json.loads((source / "sweep.json").read_text())["trials"]}
+    committed = json.loads((source / "sweep.json").read_text())["trials"]
+    assert {t.run_id for t in trials} <= {t["run_id"] for t in committed}  # the same trials as committed
     with_auto = _planned(study, tmp_path / "auto", "auto")
     # no training run is refused or redone; only what the null config itself would redo (methods_classification's
     # base-model evaluation was saved by an older peftlab with its trials' train settings: a cheap redo)

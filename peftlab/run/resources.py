@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 AUTO_MAX_BATCH_TOKENS: dict[str, int | None] = {"cpu": 256, "cuda": None, "mps": None}
 
 
-def resolve_max_batch_tokens(setting: int | str | None, device: torch.device) -> int | None:
+def max_batch_tokens_for(setting: int | str | None, device: torch.device) -> int | None:
     """train.max_batch_tokens as a run uses it on ``device``: auto -> AUTO_MAX_BATCH_TOKENS, else as set."""
     if setting == "auto":
         return AUTO_MAX_BATCH_TOKENS.get(device.type)
@@ -63,7 +63,7 @@ def resolve_max_batch_tokens(setting: int | str | None, device: torch.device) ->
 
 def resolved_split(cfg: TrainConfig, device: torch.device, log: MetricsLog | None = None) -> TrainConfig:
     """``cfg`` with max_batch_tokens resolved for ``device``; ``log`` (train.log) says what a step runs on."""
-    value = resolve_max_batch_tokens(cfg.max_batch_tokens, device)
+    value = max_batch_tokens_for(cfg.max_batch_tokens, device)
     if log is not None:
         origin = f" (auto on {device.type})" if cfg.max_batch_tokens == "auto" else ""
         log.message(f"train.max_batch_tokens: {value if value is not None else 'off'}{origin}: " + (

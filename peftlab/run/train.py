@@ -30,7 +30,7 @@ from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
 from peftlab.run.precision import autocast_for
-from peftlab.run.resources import load_average, resolved_split
+from peftlab.run.resources import load_average, max_batch_tokens_for, resolved_split
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
 
@@ -286,7 +286,7 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     """
     shares = [share for share in (shard(batch, world) for batch in batches) if share is not None]
     pieces = [{key: value.to(device, non_blocking=True) for key, value in piece.items()}
-              for share in shares for piece in options.split(share, cfg.max_batch_tokens)]
+              for share in shares for piece in options.split(share, max_batch_tokens_for(cfg.max_batch_tokens, device))]
     (units,) = sum_across([sum(label_units(piece, task) for piece in pieces)], world, device)
     units = int(units)
     total_loss = 0.0
