@@ -44,12 +44,11 @@ def resolve_device(name: str) -> torch.device:
 
 # train.max_batch_tokens: auto, by device type (the one home of these values; README "Performance").
 # cpu 256: one of the seeds' padded micro-batches (1 x 256); bench/levers.py measured the split at
-#   1.385x the tokens/s of unsplit batch-8 steps and 2199 vs 7747 MB peak RSS on a 2-core Xeon: small
-#   pieces keep a CPU step's activations in cache and out of fresh page-faulted allocations.
-# cuda, mps: off. A GPU runs a wide forward pass in about the time of a narrow one, so cutting batches
-#   into 256-token pieces would leave it idle most of each step; its memory is bounded by what a user
-#   already sets (batch_size, grad_accum, gradient_checkpointing, base_dtype). No GPU measurement backs
-#   another value yet: set an integer where a batch of long rows does not fit.
+#   1.385x the tokens/s of unsplit batch-8 steps and 2199 vs 7747 MB peak RSS on a 2-core Xeon
+#   (smaller activation tensors per pass; why it is also faster was not profiled).
+# cuda, mps: off. On a GPU 256-token pieces become many small kernels that underuse it, and its memory
+#   is already bounded by what a user sets (batch_size, grad_accum, gradient_checkpointing, base_dtype).
+#   No GPU measurement backs another value yet: set an integer where a batch of long rows does not fit.
 AUTO_MAX_BATCH_TOKENS: dict[str, int | None] = {"cpu": 256, "cuda": None, "mps": None}
 
 
