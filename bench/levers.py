@@ -77,7 +77,7 @@ def labelled_unfused_loss(model: nn.Module, batch: dict, task: str) -> tuple[tor
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
-def fixed_split(max_tokens: int) -> Callable[[dict, int | None], list[dict]]:
+def fixed_split(max_tokens: int | None) -> Callable[[dict, int | None], list[dict]]:
     """A splitter that cuts every batch at ``max_tokens`` padded tokens, whatever the step's config says."""
     return lambda batch, _cap: split_by_tokens(batch, max_tokens)
 
@@ -142,8 +142,23 @@ def _lora_forward(model: nn.Module,
             del layer.forward
 
 
-def _split_batches(max_tokens: int) -> contextlib.AbstractContextManager[StepOptions]:
-    """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step."""
+@contextlib.contextmanager
+def _bernoulli_dropout(model: nn.Module) -> Iterator[StepOptions]:
+    """Every LoRA layer's dropout as nn.Dropout (bernoulli_ on a float mask), peftlab's mask before issue 15."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout)]
+    saved = [layer.dropout for layer in layers]
+    for layer, dropout in zip(layers, saved, strict=True):
+        layer.dropout = nn.Dropout(dropout.p)  # an instance attribute of the model under test
+    try:
+        yield SHIPPED
+    finally:
+        for layer, dropout in zip(layers, saved, strict=True):
+            layer.dropout = dropout
+
+
+def _split_batches(max_tokens: int | None) -> contextlib.AbstractContextManager[StepOptions]:
+    """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step
+    (None: whole), whatever the shipped default resolves to on this device."""
     return _options(split=fixed_split(max_tokens))
 
 
@@ -153,7 +168,7 @@ def _no_kv_cache(model: nn.Module) -> contextlib.AbstractContextManager[StepOpti
 
 
 LEVERS: dict[str, tuple[str, Lever]] = {
-    "baseline": ("peftlab as shipped", lambda m: _options()),
+    "baseline": ("peftlab as shipped (max_batch_tokens auto, the shipped dropout mask)", lambda m: _options()),
     "full_logits": ("head + CE at every position (what HF models do)", lambda m: _options(loss=full_logits_loss)),
     "labelled_unfused": ("head at labelled positions, unfused F.cross_entropy",
                          lambda m: _options(loss=labelled_unfused_loss)),
@@ -167,6 +182,9 @@ LEVERS: dict[str, tuple[str, Lever]] = {
     "lora_addmm": ("LoRALinear.forward with one addmm", lambda m: _lora_forward(m, lora_forward_addmm)),
     "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
                              lambda m: _split_batches(256)),
+    "max_batch_tokens_off": ("train.max_batch_tokens off (batches run whole)", lambda m: _split_batches(None)),
+    "dropout_bernoulli": ("LoRA dropout mask by bernoulli_ (nn.Dropout, the mask before issue 15)",
+                          _bernoulli_dropout),
 }
 
 

@@ -1,14 +1,21 @@
-"""The three systems under test, each one LoRA fine-tune of the same examples, measured the same way.
+"""The systems under test, each one LoRA fine-tune of the same examples, measured the same way.
 
-* ``peftlab``   : peftlab's own loop (methods.prepare + train.train), length-grouped dynamic padding.
-* ``hf_seeds``  : HF Trainer + peft, the seed studies' recipe: every example padded to max_length,
-                  batch 1, gradient accumulation 4, the default random sampler.
-* ``hf_tuned``  : HF Trainer + peft with the levers HF offers: padding to the longest in the batch,
-                  peftlab's batch size, ``train_sampling_strategy="group_by_length"``.
+* ``peftlab``    : peftlab's own loop (methods.prepare + train.train) with its shipped defaults:
+                   length-grouped dynamic padding, ``train.max_batch_tokens: auto`` (256 on the CPU,
+                   off on GPUs: peftlab.run.resources.AUTO_MAX_BATCH_TOKENS), the shipped dropout mask.
+                   No bench-only setting unless the command sets one (then the table says so).
+* ``hf_seeds``   : HF Trainer + peft, the seed studies' recipe: every example padded to max_length,
+                   batch 1, gradient accumulation 4, the default random sampler.
+* ``hf_tuned``   : HF Trainer + peft with the levers HF offers: padding to the longest in the batch,
+                   peftlab's batch size, ``train_sampling_strategy="group_by_length"``.
+* ``hf_bounded`` : hf_tuned with its memory bounded the way HF can: micro-batches of 1 row and
+                   gradient accumulation up to peftlab's batch (1 x 4), dynamic padding, group_by_length;
+                   the like-for-like memory peer of peftlab's split batches.
 
-All three get the same tokenized examples (peftlab.inputs.data, loss on response tokens only), the same
-hyperparameters, and are evaluated by the same function (peftlab.run.evaluate.evaluate, token-weighted)
-on the same eval batches, so the only differences are the system and the recipe.
+All get the same tokenized examples (peftlab.inputs.data, loss on response tokens only), the same
+hyperparameters, the same imported libraries before the peak-memory reset (``import_every_library``),
+and are evaluated by the same function (peftlab.run.evaluate.evaluate, token-weighted) on the same eval
+batches, so the only differences are the system and the recipe.
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from peftlab.inputs.data import IGNORE_INDEX, TaskData, batches, collate, load_t
 from peftlab.inputs.models import load_model, load_tokenizer
 from peftlab.run.evaluate import evaluate
 from peftlab.run.precision import autocast_for
-from peftlab.run.resources import peak_memory, reset_peak_memory
+from peftlab.run.resources import max_batch_tokens_for, peak_memory, reset_peak_memory
 from peftlab.run.tracking import MetricsLog
 from peftlab.run.train import train
 
-SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned")
+SYSTEMS = ("peftlab", "hf_seeds", "hf_tuned", "hf_bounded")
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,6 +57,7 @@ class Spec:
     batch_size: int = 4  # peftlab and hf_tuned (4 = the seeds' 1 x accumulation 4)
     seeds_batch_size: int = 1  # hf_seeds: per-device batch 1 ...
     seeds_grad_accum: int = 4  # ... accumulated over 4 (effective batch 4)
+    bounded_batch_size: int = 1  # hf_bounded: micro-batches of 1, accumulated up to batch_size
     max_length: int = 256  # truncation for all; hf_seeds also pads every example to it
     r: int = 16
     alpha: float = 32.0
@@ -61,9 +69,34 @@ class Spec:
     data_seed: int = 0  # the train/eval split (peftlab's DataConfig.seed)
     device: str = "cpu"  # cpu | cuda (cuda: bf16 autocast for every system)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
-    # peftlab's train.max_batch_tokens: 256 = the positions of one of the seeds' padded micro-batches
-    # (1 x 256), so no forward pass of peftlab is wider than the seeds' recipe's. None: no split.
-    max_batch_tokens: int | None = 256
+    # peftlab's train.max_batch_tokens: SHIPPED = not set, peftlab's own default (auto) decides; anything
+    # else (a lever, measured in levers.py, never in the headline table) is passed and marked in the table.
+    max_batch_tokens: int | str | None = "shipped"
+
+
+SHIPPED = "shipped"
+
+
+def import_every_library() -> None:
+    """What any system imports, imported by every worker before its peak-memory reset: on the CPU the
+    peak is the process's resident set, which holds the imported libraries' code and data, so a worker
+    that imported less would look lighter for a reason that is no part of training."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import Trainer, TrainingArguments  # noqa: F401
+
+    import peftlab.run.train  # noqa: F401
+
+
+def peftlab_overrides(spec: Spec) -> dict[str, Any]:
+    """The TrainConfig fields the command set for peftlab beyond its shipped defaults (empty: as shipped)."""
+    return {} if spec.max_batch_tokens == SHIPPED else {"max_batch_tokens": spec.max_batch_tokens}
+
+
+def peftlab_max_batch_tokens(spec: Spec) -> int | None:
+    """The split peftlab's steps ran with on ``spec.device``: its shipped default resolved, or the override."""
+    setting = peftlab_overrides(spec).get("max_batch_tokens", TrainConfig().max_batch_tokens)
+    return max_batch_tokens_for(setting, torch.device(spec.device))
 
 
 def load_data(spec: Spec) -> tuple[TaskData, Any]:
@@ -102,9 +135,11 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
                           dropout=spec.dropout, train_head=False)
     prepared = prepare(model, method, build_model_map(model), train_head=False)
     model.to(device)
+    # The benchmark's recipe (the same for every system) plus bookkeeping; every speed setting is left
+    # at peftlab's shipped default unless the command set one (peftlab_overrides).
     cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, scheduler="cosine",
                       warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
-                      max_batch_tokens=spec.max_batch_tokens, device=device.type, num_samples=0, log_every=10**9)
+                      device=device.type, num_samples=0, log_every=10**9, **peftlab_overrides(spec))
     reset_peak_memory(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     outcome = train(model, data.train, data.eval, "instruction", cfg, pad_id=tokenizer.pad_token_id,
@@ -116,7 +151,7 @@ def run_peftlab(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device
     return {"train_seconds": wall - outcome.eval_seconds, "train_cpu_seconds": cpu - outcome.eval_cpu_seconds,
             "loop_seconds": outcome.state.train_seconds, "eval_seconds": outcome.eval_seconds,
             "tokens": outcome.state.train_tokens, "padded_tokens": outcome.padded_tokens,
-            "steps": outcome.state.step, "status": outcome.status,
+            "steps": outcome.state.step, "status": outcome.status, "max_batch_tokens": peftlab_max_batch_tokens(spec),
             "trainable_params": prepared.trainable_params, "model": model, **peak}
 
 
@@ -169,29 +204,40 @@ def hf_peft_model(spec: Spec) -> nn.Module:
     return get_peft_model(base, config)
 
 
-def hf_arguments(spec: Spec, out_dir: str, *, tuned: bool, device: torch.device) -> Any:
+# Per HF recipe: (per-device batch, gradient accumulation, sampler, pad every example to max_length).
+def hf_recipe(system: str, spec: Spec) -> tuple[int, int, str, bool]:
+    if system == "hf_seeds":
+        return spec.seeds_batch_size, spec.seeds_grad_accum, "random", True
+    if system == "hf_tuned":
+        return spec.batch_size, 1, "group_by_length", False
+    if system == "hf_bounded":  # the same effective batch as peftlab's, in micro-batches of bounded_batch_size
+        return spec.bounded_batch_size, spec.batch_size // spec.bounded_batch_size, "group_by_length", False
+    raise ValueError(system)
+
+
+def hf_arguments(spec: Spec, out_dir: str, system: str, device: torch.device) -> Any:
     from transformers import TrainingArguments
 
+    batch, accumulation, sampler, _ = hf_recipe(system, spec)
     return TrainingArguments(
         output_dir=out_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type="cosine",
         warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
         weight_decay=spec.weight_decay, max_grad_norm=1.0, seed=spec.seed,
-        per_device_train_batch_size=spec.batch_size if tuned else spec.seeds_batch_size,
-        gradient_accumulation_steps=1 if tuned else spec.seeds_grad_accum,
-        train_sampling_strategy="group_by_length" if tuned else "random",
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        train_sampling_strategy=sampler,
         bf16=device.type == "cuda", use_cpu=device.type == "cpu",
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0)
 
 
-def run_hf(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device, *, tuned: bool) -> dict[str, Any]:
+def run_hf(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device, *, system: str) -> dict[str, Any]:
     from transformers import Trainer
 
     model = hf_peft_model(spec)
     model.to(device)
-    collator = CountingCollator(tokenizer.pad_token_id, None if tuned else spec.max_length)
+    collator = CountingCollator(tokenizer.pad_token_id, spec.max_length if hf_recipe(system, spec)[3] else None)
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = Trainer(model=model, args=hf_arguments(spec, out_dir, tuned=tuned, device=device),
+        trainer = Trainer(model=model, args=hf_arguments(spec, out_dir, system, device),
                           train_dataset=_ListDataset(data.train), data_collator=collator)
         reset_peak_memory(device)
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -209,8 +255,9 @@ def run_hf(spec: Spec, data: TaskData, tokenizer: Any, device: torch.device, *, 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "peftlab": run_peftlab,
-    "hf_seeds": lambda *a: run_hf(*a, tuned=False),
-    "hf_tuned": lambda *a: run_hf(*a, tuned=True),
+    "hf_seeds": lambda *a: run_hf(*a, system="hf_seeds"),
+    "hf_tuned": lambda *a: run_hf(*a, system="hf_tuned"),
+    "hf_bounded": lambda *a: run_hf(*a, system="hf_bounded"),
 }
 
 
@@ -219,6 +266,7 @@ def run_system(system: str, spec: Spec) -> dict[str, Any]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
+    import_every_library()  # before anything is measured: the same imports in every worker
     data, tokenizer = load_data(spec)
     record = RUNNERS[system](spec, data, tokenizer, device)
     model = record.pop("model")

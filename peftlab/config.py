@@ -248,8 +248,10 @@ class TrainConfig:
     grad_accum: int = 1
     # Split a batch whose padded size (rows x longest) exceeds this many tokens into pieces run one
     # after another in the same optimizer step: the update is the same (up to float rounding and
-    # dropout draws), peak activation memory is bounded and pieces carry less padding. None: no split.
-    max_batch_tokens: int | None = None
+    # dropout draws), peak activation memory is bounded and pieces carry less padding. auto: chosen
+    # per device (peftlab.run.resources.max_batch_tokens_for: 256 on the CPU, off on GPUs);
+    # null or 0: no split. Execution only: a changed value is not a changed config (EXECUTION_ONLY_KEYS).
+    max_batch_tokens: int | str | None = "auto"
     lr: float = 2e-4
     lora_plus_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): lr(B) = ratio * lr(A)
     scheduler: str = "cosine"  # cosine | linear | constant
@@ -288,7 +290,12 @@ class TrainConfig:
         _require(self.epochs > 0, "train.epochs must be > 0")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
         _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
-        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 8, "train.max_batch_tokens must be >= 8")
+        if self.max_batch_tokens == 0:  # 0 reads as off, like null (and bench/run_bench.py's --max-batch-tokens 0)
+            self.max_batch_tokens = None
+        _require(self.max_batch_tokens in (None, "auto") or (isinstance(self.max_batch_tokens, int)
+                                                             and self.max_batch_tokens >= 8),
+                 f"train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, "
+                 f"got {self.max_batch_tokens!r}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "train.lora_plus_ratio must be > 0")
         _require(self.scheduler in SCHEDULERS, _choice_message("train.scheduler", self.scheduler, SCHEDULERS))
@@ -511,13 +518,23 @@ def data_identity(data: DataConfig) -> dict[str, Any]:
             if key not in DATA_KEYS_ADDED_LATER or value != DATA_KEYS_ADDED_LATER[key]}
 
 
+# Keys that change how a run executes but not what it computes: a run folder or a committed study made
+# with another value resumes as the same config (peftlab.run.folder, peftlab.study.resume). The split
+# runs a batch's pieces in one optimizer step and weights their losses by tokens, so the update is the
+# batch's, up to float rounding and dropout draws, whatever the cap: the studies under docs/results,
+# made with max_batch_tokens null, still resume now that the default is auto. A key that changes the
+# update (batch_size, grad_accum, lr, ...) never belongs here.
+EXECUTION_ONLY_KEYS = frozenset({"train.max_batch_tokens"})
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two config dicts (what a refused --resume names)."""
+    """The dotted keys whose values differ between two config dicts (what a refused --resume names),
+    execution-only keys (``EXECUTION_ONLY_KEYS``) left out: an empty list means the same config."""
     changed = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and f"{prefix}{key}" not in EXECUTION_ONLY_KEYS:
             changed.append(f"{prefix}{key}")
     return changed

@@ -502,6 +502,11 @@ CASES = [
          "record 2: data.template=alpaca takes one user turn then one assistant turn"),
     Case("chat-template-not-prefix-stable", _chats(lambda rows: None, template=UNSTABLE_TEMPLATE),
          "record 1: the chat template of"),
+    # train.max_batch_tokens: auto, null/0 or an integer >= 8
+    Case("max-batch-tokens-word", _set("train.max_batch_tokens=big"),
+         "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 'big'"),
+    Case("max-batch-tokens-small", _set("train.max_batch_tokens=4"),
+         "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 4"),
 ]
 
 

@@ -17,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 from conftest import tiny_gpt2, tiny_llama  # noqa: E402
 
-from bench import levers, run_bench  # noqa: E402
+from bench import levers, run_bench, systems  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig  # noqa: E402
 from peftlab.core.methods import prepare  # noqa: E402
 from peftlab.core.modelmap import build_model_map  # noqa: E402
 from peftlab.run.losses import full_logits_loss_sum, linear_cross_entropy_sum, loss_sum  # noqa: E402
+from peftlab.run.resources import max_batch_tokens_for  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -40,7 +41,7 @@ def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp
     written = list(tmp_path.glob("*.json"))
     assert len(written) == 1 and written[0].with_suffix(".md").is_file()
     saved = json.loads(written[0].read_text())
-    assert saved["summary"].keys() == {"peftlab", "hf_seeds", "hf_tuned"}
+    assert saved["summary"].keys() == {"peftlab", "hf_seeds", "hf_tuned", "hf_bounded"}
     assert saved["machine"]["cpu"] and saved["machine"]["cores"] >= 1 and saved["machine"]["torch"]
     assert saved["gemm"]["peak_flops"] > 0 and saved["same_data_for_all"]
     rows = saved["summary"]
@@ -53,15 +54,29 @@ def test_benchmark_runs_every_system_and_writes_sane_results(tiny_llama_dir, tmp
     assert len({row["tokens"] for row in rows.values()}) == 1
     assert rows["hf_seeds"]["padded_tokens"] == 6 * 256
     assert rows["hf_seeds"]["padding_fraction_median"] > rows["hf_tuned"]["padding_fraction_median"]
+    assert rows["hf_bounded"]["padding_fraction_median"] == 0  # micro-batches of one row pad nothing
+    # hf_bounded: batch 1 x accumulation 2, the same optimizer steps as peftlab's and hf_tuned's batch 2
+    assert rows["hf_bounded"]["steps"] == rows["hf_tuned"]["steps"] == rows["peftlab"]["steps"] == 3
     # The same LoRA (r=16 on all seven projections of both layers) in peftlab and in peft.
     assert len({row["trainable_params"] for row in rows.values()}) == 1
     q_k_v_o_gate_up_down = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]  # (in, out)
     assert rows["peftlab"]["trainable_params"] == 2 * 16 * sum(i + o for i, o in q_k_v_o_gate_up_down)
     assert saved["ratios"]["peftlab/hf_seeds"]["target_tokens_per_s"] == 3.0
     assert saved["ratios"]["peftlab/hf_tuned"]["target_tokens_per_s"] == 1.3
-    assert set(saved["ratios"]) == {"peftlab/hf_seeds", "peftlab/hf_tuned"}
-    assert saved["settings"]["max_batch_tokens"] == 256
-    assert "| peftlab |" in written[0].with_suffix(".md").read_text()
+    assert set(saved["ratios"]) == {"peftlab/hf_seeds", "peftlab/hf_tuned", "peftlab/hf_bounded"}
+    bounded = saved["ratios"]["peftlab/hf_bounded"]
+    assert bounded["target_tokens_per_s"] is None and "speed_met" not in bounded  # a memory peer, no speed target
+    assert bounded["target_met"] == (bounded["memory_met"] and bounded["eval_loss_met"])
+    # peftlab as shipped: no bench-only setting; its split is what `peftlab run` resolves on this device
+    assert saved["settings"]["max_batch_tokens"] == "shipped" and saved["settings"]["peftlab_as_shipped"]
+    assert saved["settings"]["peftlab_max_batch_tokens"] == 256 == max_batch_tokens_for("auto", torch.device("cpu"))
+    assert "--max-batch-tokens" not in saved["command"]
+    table = written[0].with_suffix(".md").read_text()
+    assert ("| peftlab | as shipped (no flags): batch 2, length-grouped dynamic padding, "
+            "max_batch_tokens auto = 256 on cpu") in table
+    assert "| hf_bounded | batch 1 x accum 2, group_by_length, dynamic padding |" in table
+    assert "| hf_tuned | batch 2 x accum 1, group_by_length, dynamic padding |" in table
+    assert "| hf_seeds | batch 1 x accum 4, random order, padded to 256 |" in table
     assert results["summary"] == saved["summary"]
 
 
@@ -89,9 +104,37 @@ def test_benchmark_max_batch_tokens_cuts_what_peftlab_pads_not_what_it_trains_on
     whole = _bench(tiny_llama_dir, tmp_path / "whole", *one_system, "0")
     split = _bench(tiny_llama_dir, tmp_path / "split", *one_system, "64")
     assert whole["settings"]["max_batch_tokens"] is None and split["settings"]["max_batch_tokens"] == 64
+    assert not split["settings"]["peftlab_as_shipped"] and "--max-batch-tokens 64" in split["command"]
+    assert "| peftlab | NOT as shipped: --max-batch-tokens 64 (a lever" in run_bench.render_markdown(split)
     whole_row, split_row = whole["summary"]["peftlab"], split["summary"]["peftlab"]
     assert split_row["tokens"] == whole_row["tokens"] and split_row["steps"] == whole_row["steps"]
     assert split_row["padded_tokens"] < whole_row["padded_tokens"]  # pieces are trimmed to their own longest row
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("system", systems.SYSTEMS)
+def test_every_worker_imports_every_library_before_it_loads_or_trains(system, monkeypatch):
+    """On the CPU the peak is the resident set, which holds what was imported: every system starts alike."""
+    events = []
+
+    def training(*args):
+        events.append("train")  # each runner resets the peak memory first thing it measures
+        raise _Stop
+
+    monkeypatch.setattr(systems, "import_every_library", lambda: events.append("imports"))
+    monkeypatch.setattr(systems, "load_data", lambda spec: events.append("data") or (None, None))
+    monkeypatch.setitem(systems.RUNNERS, system, training)
+    with pytest.raises(_Stop):
+        systems.run_system(system, systems.Spec())
+    assert events == ["imports", "data", "train"]
+
+
+def test_import_every_library_imports_peft_transformers_and_trainer():
+    systems.import_every_library()
+    assert {"peft", "transformers", "transformers.trainer", "peftlab.run.train"} <= set(sys.modules)
 
 
 # --- levers: each must leave the loss and gradients unchanged (float noise) -------------------------
@@ -224,6 +267,27 @@ def test_lora_addmm_forward_equals_the_plain_forward_in_training_with_dropout():
     torch.testing.assert_close(outputs[0][0], outputs[1][0])
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dropout_lever_runs_the_old_bernoulli_mask_and_gives_the_shipped_one_back():
+    from peftlab.core.methods.lora import LoRADropout, LoRALinear
+
+    model = _lora_llama()
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    shipped = [layer.dropout for layer in layers]
+    assert all(type(d) is LoRADropout for d in shipped)
+    with levers.LEVERS["dropout_bernoulli"][1](model):
+        assert all(type(layer.dropout) is torch.nn.Dropout and layer.dropout.p == 0.1 for layer in layers)
+        model.train()
+        total, _ = loss_sum(model, _batch(), "instruction")
+        total.backward()  # a training step runs through it
+    assert [layer.dropout for layer in layers] == shipped
+
+
+def test_max_batch_tokens_off_lever_runs_batches_whole():
+    batch = _batch()
+    with levers.LEVERS["max_batch_tokens_off"][1](None) as options:
+        assert options.split(batch, 16) == [batch]
 
 
 @pytest.mark.slow  # four fresh `peftlab run` processes on a tiny model (~30 s)

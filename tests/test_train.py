@@ -171,7 +171,8 @@ def test_stop_requested_before_training_starts_stops_at_step_zero(tmp_path):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_max_batch_tokens_splits_the_step_but_not_the_update(grad_accum):
     """Pieces of one batch are summed in the same optimizer step: same losses and weights as unsplit."""
-    plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None)
+    plain = TrainConfig(max_steps=4, batch_size=6, grad_accum=grad_accum, lr=1e-2, seed=5, save_every=None,
+                        max_batch_tokens=None)  # off, whatever the default
     split = TrainConfig(**{**plain.__dict__, "max_batch_tokens": 20})  # 6 rows of up to 16 tokens: 5+ pieces
     a_model, b_model = _lora_model(dropout=0.0), _lora_model(dropout=0.0)
     a = _train(a_model, plain)

@@ -52,7 +52,7 @@ from peftlab.run.precision import (
     keep_trainable_fp32,
     resolve_base_dtype,
 )
-from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device, seed_everything
+from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device, seed_everything, with_resolved_split
 from peftlab.run.sharding import gather_parameters, shard_blocks
 from peftlab.run.summarize import reference_summary, run_environment, run_summary
 from peftlab.run.summary import SUMMARY_FILE, Artifact, Collapse, RunSummary, write_summary
@@ -102,6 +102,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
                 model_cache: BaseModelCache | None, reference_eval_loss: float | None,
                 started: float, world: World, device: torch.device) -> RunSummary:
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
+    config = with_resolved_split(config, device)  # config.yaml and the summary record the split used
     tokenizer, data, loaded = load_inputs(config, model_cache, device)
     model = loaded.model
     # the head is what the loader newly initialised (exactly, where it reports it), else found structurally

@@ -44,8 +44,9 @@ def check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> RunSummary 
     saved_path = out_dir / "config.yaml"
     if saved_path.exists():
         saved = from_dict(RunConfig, load_yaml(saved_path))
-        if config_to_dict(saved) != config_to_dict(config):
-            changed = changed_keys(config_to_dict(saved), config_to_dict(config))
+        # changed_keys, not !=: an execution-only key (train.max_batch_tokens) is not a changed config
+        changed = changed_keys(config_to_dict(saved), config_to_dict(config))
+        if changed:
             raise UserError(f"--resume with a different config than the run in {out_dir} "
                             f"(changed: {', '.join(changed)})")
     summary = read_summary(out_dir / SUMMARY_FILE)

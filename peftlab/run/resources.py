@@ -1,7 +1,9 @@
-"""Device choice, seeding and resource measurements (peak memory, load, environment, provenance)."""
+"""Device choice, per-device execution defaults (the batch split), seeding and resource measurements
+(peak memory, load, environment, provenance)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -13,12 +15,16 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from peftlab.config import RunConfig, TrainConfig
 from peftlab.errors import UserError
+
+if TYPE_CHECKING:
+    from peftlab.run.tracking import MetricsLog
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,6 +40,40 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("train.device=mps but MPS is not available (use auto or cpu)")
     return torch.device(name)
+
+
+# train.max_batch_tokens: auto, by device type (the one home of these values; README "Performance").
+# cpu 256: one of the seeds' padded micro-batches (1 x 256); bench/levers.py measured the split at
+#   1.385x the tokens/s of unsplit batch-8 steps and 2199 vs 7747 MB peak RSS on a 2-core Xeon
+#   (smaller activation tensors per pass; why it is also faster was not profiled).
+# cuda, mps: off. On a GPU 256-token pieces become many small kernels that underuse it, and its memory
+#   is already bounded by what a user sets (batch_size, grad_accum, gradient_checkpointing, base_dtype).
+#   No GPU measurement backs another value yet: set an integer where a batch of long rows does not fit.
+AUTO_MAX_BATCH_TOKENS: dict[str, int | None] = {"cpu": 256, "cuda": None, "mps": None}
+
+
+def max_batch_tokens_for(setting: int | str | None, device: torch.device) -> int | None:
+    """train.max_batch_tokens as a run uses it on ``device``: auto -> AUTO_MAX_BATCH_TOKENS, else as set."""
+    if setting == "auto":
+        return AUTO_MAX_BATCH_TOKENS.get(device.type)
+    assert setting is None or isinstance(setting, int), setting  # TrainConfig validated it
+    return setting
+
+
+def resolved_split(cfg: TrainConfig, device: torch.device, log: MetricsLog | None = None) -> TrainConfig:
+    """``cfg`` with max_batch_tokens resolved for ``device``; ``log`` (train.log) says what a step runs on."""
+    value = max_batch_tokens_for(cfg.max_batch_tokens, device)
+    if log is not None:
+        origin = f" (auto on {device.type})" if cfg.max_batch_tokens == "auto" else ""
+        log.message(f"train.max_batch_tokens: {value if value is not None else 'off'}{origin}: " + (
+            f"a batch over {value} padded tokens runs as pieces in one optimizer step" if value is not None
+            else "batches run whole"))
+    return cfg if value == cfg.max_batch_tokens else dataclasses.replace(cfg, max_batch_tokens=value)
+
+
+def with_resolved_split(config: RunConfig, device: torch.device) -> RunConfig:
+    """``config`` with train.max_batch_tokens resolved, so config.yaml and the summary record the value used."""
+    return dataclasses.replace(config, train=resolved_split(config.train, device))
 
 
 def seed_everything(seed: int) -> None:

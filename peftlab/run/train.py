@@ -33,7 +33,7 @@ from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
 from peftlab.run.precision import autocast_for
-from peftlab.run.resources import load_average
+from peftlab.run.resources import load_average, max_batch_tokens_for, resolved_split
 from peftlab.run.sharding import FILLER, clip_sharded_gradients, filler, is_sharded
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
@@ -139,6 +139,7 @@ def train(model: nn.Module, train_examples: list[dict], eval_examples: list[dict
     ``world``: the ranks of a multi-process run (run/distributed.py); each trains on its share of every
     batch, gradients and metrics are summed over all, and only rank 0 writes checkpoints.
     """
+    cfg = resolved_split(cfg, device, log)  # train.max_batch_tokens auto -> this device's value, in train.log
     parameters = trainable_named_parameters(model)
     optimizer = build_optimizer(model, cfg)
     total_steps = total_steps_for(cfg, len(train_examples))
@@ -316,7 +317,7 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     """
     shares = [share for share in (shard(batch, world) for batch in batches) if share is not None]
     pieces = [{key: value.to(device, non_blocking=True) for key, value in piece.items()}
-              for share in shares for piece in options.split(share, cfg.max_batch_tokens)]
+              for share in shares for piece in options.split(share, max_batch_tokens_for(cfg.max_batch_tokens, device))]
     (units,) = sum_across([sum(label_units(piece, task) for piece in pieces)], world, device)
     units = int(units)
     fillers = _fillers(len(pieces), batches, world, device)  # decided before any piece: its gathers are collective

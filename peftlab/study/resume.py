@@ -82,8 +82,8 @@ def _saved_config(trial: Trial) -> dict[str, Any] | None:
 
 
 def _config_differs(trial: Trial) -> bool:
-    old = _saved_config(trial)
-    return old is not None and old != config_to_dict(trial.config)
+    old = _saved_config(trial)  # changed_keys leaves out execution-only keys (config.EXECUTION_ONLY_KEYS)
+    return old is not None and bool(changed_keys(old, config_to_dict(trial.config)))
 
 
 def _check_same_config(trial: Trial, *, resumes: bool) -> None:
@@ -92,14 +92,15 @@ def _check_same_config(trial: Trial, *, resumes: bool) -> None:
     old, new = _saved_config(trial), config_to_dict(trial.config)
     if old is None:
         return
-    if old != new:
-        changed = changed_keys(old, new)
+    # changed_keys, not !=: an execution-only key (train.max_batch_tokens) differs without changing the run
+    changed = changed_keys(old, new)
+    if changed:
         if _moved_only(old, new, changed):  # the same sweep read from another checkout
             if resumes:
                 write_atomic(trial.out_dir / "config.yaml", yaml.safe_dump(new, sort_keys=False))
             return
         raise UserError(f"--resume: run {trial.run_id} was made with a different config (changed: "
-                        f"{', '.join(changed) or 'structure'}); use another --out for a changed sweep")
+                        f"{', '.join(changed)}); use another --out for a changed sweep")
 
 
 def _moved_only(old: dict[str, Any], new: dict[str, Any], changed: list[str]) -> bool:
