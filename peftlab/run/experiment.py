@@ -43,8 +43,9 @@ from peftlab.locking import folder_lock
 from peftlab.run.artifacts import save_trained
 from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
 from peftlab.run.distributed import World, decided_by_main, join_world, leave_world, max_across
-from peftlab.run.evaluate import generate_samples
 from peftlab.run.folder import FINISHED, check_out_dir, check_reference_dir, holds_training
+from peftlab.run.forgetting import Forgetting, load_reference, reference_loss
+from peftlab.run.generation import generate_for_run
 from peftlab.run.precision import (
     autocast_for,
     enable_gradient_checkpointing,
@@ -101,6 +102,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
                 started: float, world: World, device: torch.device) -> RunSummary:
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
     tokenizer, data, loaded = load_inputs(config, model_cache, device)
+    reference = load_reference(config, tokenizer)  # eval.reference's chunks (None: off); a bad source stops here
     model = loaded.model
     # the head is what the loader newly initialised (exactly, where it reports it), else found structurally
     model_map = build_model_map(model, strict=config.method.targets is None, new_weights=loaded.new_weights)
@@ -123,6 +125,8 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
             trainable_params=prepared.trainable_params, total_params=prepared.total_params))
     if config.method.quantize_base is None:  # bitsandbytes placed a quantized base on its GPU as it loaded
         model.to(device)
+    # forgetting's "before": the untrained model computes the base model's function (run/forgetting.py says why here)
+    before = reference_loss(model, reference, config, tokenizer.pad_token_id, device, world) if reference else None
     gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
@@ -131,20 +135,27 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     if outcome.status == "completed" and config.train.train_eval_size:
         outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
                                          config.train, tokenizer.pad_token_id, device, world=world)
+    extra = {}  # forgetting and generation scores, for summary.json's metrics
+    if outcome.status == "completed" and reference:
+        forgetting = Forgetting(config.eval.reference, len(reference), before,
+                                reference_loss(model, reference, config, tokenizer.pad_token_id, device, world))
+        extra.update(forgetting.as_metrics())
+        log.message(forgetting.line())
     peak_mb = max_across(peak_memory(device)["peak_memory_mb"], world, device)  # training's, the largest rank's
     if not world.is_main:  # the others' share is done: rank 0 alone generates, saves and writes
         return _summary_of(config, out_dir, data, prepared, outcome, [], Artifact("none", None, 0, None), device,
                            started, loaded, collapse, world, peak_mb)
     samples = []
-    if outcome.status == "completed" and config.task == "instruction" and config.train.num_samples:
-        with autocast_for(device, config.train):  # a half base meets fp32 trained layers only under autocast
-            samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
-                                       max_new_tokens=config.train.max_new_tokens, device=device)
+    if outcome.status == "completed" and config.task == "instruction":
+        # autocast: a half base meets fp32 trained layers only under autocast
+        samples, scores = generate_for_run(model, tokenizer, data.eval_prompts, config, device,
+                                           autocast_for(device, config.train))
+        extra.update(scores.as_metrics() if scores else {})
     # a diverged or collapsed model is not worth its disk space, nor safe to pick up by mistake
     artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
                 else Artifact("none", None, 0, f"not exported: {outcome.status}"))
     summary = _summary_of(config, out_dir, data, prepared, outcome, samples, artifact, device, started, loaded,
-                          collapse, world, peak_mb)
+                          collapse, world, peak_mb, extra)
     summary = write_summary(out_dir / SUMMARY_FILE, summary)
     if outcome.status in FINISHED and has_checkpoint(out_dir):
         (out_dir / CHECKPOINT_FILE).unlink()
@@ -154,11 +165,15 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
 
 def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,
                 samples: list, artifact: Artifact, device: torch.device, started: float, loaded: LoadedModel,
-                collapse: Collapse | None, world: World, peak_mb: float) -> RunSummary:
-    """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded."""
+                collapse: Collapse | None, world: World, peak_mb: float,
+                extra: dict[str, float] | None = None) -> RunSummary:
+    """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded.
+
+    ``extra``: metrics measured after training besides the evaluation (forgetting, generation scores)."""
     # only rank 0's summary is written: the others skip hashing the weights and data
     env = run_environment(device, loaded.source, data) if world.is_main else {}
-    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env)
+    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env,
+                          extra_metrics=extra)
     summary.collapse = collapse
     if world.parallel and summary.resources is not None:
         env["world_size"] = world.size
