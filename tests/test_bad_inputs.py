@@ -418,6 +418,19 @@ CASES = [
     # a folder another process is using
     Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
     Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+    # the eval section: generation metrics and forgetting
+    Case("generate-metric-unknown", _set("eval.generate.metrics=[exact, rougeL]"),
+         "eval.generate.metrics[0]='exact' is not one of exact_match, rougeL, contains (did you mean 'exact_match'?)"),
+    Case("generate-on-classification", _set("task=classification", "eval.generate={num_examples: 4}"),
+         "eval.generate needs task instruction (it scores generated answers against reference outputs), "
+         "but task=classification"),
+    Case("generate-num-examples-negative", _set("eval.generate.num_examples=-2"),
+         "eval.generate.num_examples must be >= 0 (0: off), got -2"),
+    Case("reference-source-unknown", _set("eval.reference=hamlett"),
+         "eval.reference='hamlett' is not an embedded data set (chatterbot, rotten_tomatoes, hamlet) nor a local "
+         "file (did you mean 'hamlet'?)"),
+    Case("reference-file-missing", _set("eval.reference=./no/such/text.txt"),
+         "eval.reference: data file not found: ./no/such/text.txt"),
 ]
 
 
