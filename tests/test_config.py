@@ -220,3 +220,19 @@ def test_bad_eval_values_are_one_line_errors(overrides, fragment):
 def test_eval_on_a_causal_lm_run_and_generation_off_on_classification_load():
     assert load_config(None, ["task=causal_lm", "eval.reference=hamlet"]).eval.reference == "hamlet"
     assert load_config(None, ["task=classification", "eval.generate=null"]).eval.generate is None
+
+
+def test_the_selective_placement_example_measures_generation_and_forgetting():
+    from pathlib import Path
+
+    from peftlab.study.sweep import expand, load_sweep
+
+    trials = expand(load_sweep(Path(__file__).resolve().parents[1] / "examples" / "selective_placement.yaml"), "o")
+    trained = [t for t in trials if not t.is_reference]
+    assert len(trained) == 18 and all(t.config.eval.generation_on and t.config.eval.reference == "hamlet"
+                                      for t in trained)
+    config = trained[0].config
+    assert (config.eval.generate.num_examples, config.eval.reference_size) == (16, 32)
+    assert config.train.max_new_tokens == config.eval.generate.max_new_tokens  # samples reuse the scored answers
+    # the base-model reference evaluation keeps only what its eval loss depends on
+    assert all(t.config.eval.reference is None and t.config.eval.generate is None for t in trials if t.is_reference)
