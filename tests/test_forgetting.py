@@ -95,3 +95,37 @@ def test_a_run_without_an_eval_section_reports_what_it_always_did(tiny_llama_dir
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert not [k for k in summary["metrics"] if k.startswith("gen_") or "reference_loss" in k or k == "forgetting"]
     assert len(summary["samples"]) == 1  # train.num_samples, as before
+
+
+def test_a_sweep_of_tiny_runs_reports_generation_and_forgetting(tiny_llama_dir, tmp_path, capsys):
+    """End to end: tiny trained runs with the eval section, then the report's new columns and comparisons."""
+    import csv
+
+    from test_sweep import _tiny_sweep
+
+    (tmp_path / "ref.txt").write_text(TEXT)
+    path = _tiny_sweep(tmp_path, tiny_llama_dir, strategies={"lora": {}, "full": {"method.name": "full",
+                                                                                  "method.ranks.r": 8,
+                                                                                  "method.alpha": 16}},
+                       seeds=(0, 1))
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["data"]["chunk_length"] = 16
+    raw["base"]["train"].update({"num_samples": 2, "max_new_tokens": 4})
+    raw["base"]["eval"] = {"generate": {"num_examples": 3, "max_new_tokens": 4}, "reference": str(tmp_path / "ref.txt"),
+                           "reference_size": 4}
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    results = list(csv.DictReader((out / "results.csv").open()))
+    assert len(results) == 4 and all(r["status"] == "completed" for r in results)
+    for row in results:
+        assert row["gen_examples"] == "3" and 0 <= float(row["gen_rougeL"]) <= 1
+        assert float(row["forgetting"]) == pytest.approx(float(row["reference_loss_after"])
+                                                         - float(row["reference_loss_before"]))
+    # both strategies start from the same base model: the same "before" on every run
+    assert len({row["reference_loss_before"] for row in results}) == 1
+    metrics = {r["metric"] for r in csv.DictReader((out / "comparisons.csv").open())}
+    assert metrics == {"eval_loss", "gen_exact_match", "gen_rougeL", "gen_contains", "forgetting"}
+    report = (out / "report.md").read_text()
+    assert "| prompt | reference | full | lora |" in report and "gen_rougeL" in report and "forgetting" in report
