@@ -16,6 +16,7 @@ Metrics, each a mean over the scored examples (higher is better):
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -54,10 +55,15 @@ def _contains(generated: str, reference: str) -> float:
     return float(reference.strip() in generated)
 
 
-def _rouge_l(generated: str, reference: str) -> float:
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer  # imported here: only runs that score generations need it
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, generated)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def _rouge_l(generated: str, reference: str) -> float:
+    return _rouge_scorer().score(reference, generated)["rougeL"].fmeasure
 
 
 SCORERS: dict[str, Callable[[str, str], float]] = {
