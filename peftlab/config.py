@@ -1,7 +1,7 @@
 """Run configuration: nested typed dataclasses, loaded from YAML, strictly checked.
 
-Long because everything a config may hold is defined here, once: the four sections with their
-checks, which method reads which field, and the strict YAML/--set loader that builds them.
+Long because everything a config may hold is defined here, once: the sections with their
+checks (the eval section included), which method reads which field, and the strict YAML/--set loader that builds them.
 
 Unknown keys fail with the closest valid key suggested; wrong types and
 impossible values fail in ``__post_init__`` with one clear line (UserError),
@@ -33,6 +33,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 PRECISIONS = ("auto", "fp32", "bf16")
 QUANTIZATIONS = ("nf4", "int8")  # method.quantize_base, besides null
+GENERATION_METRICS = ("exact_match", "rougeL", "contains")  # eval.generate.metrics (peftlab.run.generation)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -327,6 +328,47 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Greedy generation on the first ``num_examples`` eval examples, scored against their reference outputs."""
+
+    metrics: list[str] = field(default_factory=lambda: list(GENERATION_METRICS))
+    max_new_tokens: int = 48
+    num_examples: int = 32  # 0: off
+
+    def __post_init__(self) -> None:
+        _require(bool(self.metrics), "eval.generate.metrics must name at least one of "
+                                     + ", ".join(GENERATION_METRICS))
+        for index, name in enumerate(self.metrics):
+            _require(name in GENERATION_METRICS,
+                     _choice_message(f"eval.generate.metrics[{index}]", name, GENERATION_METRICS))
+        _require(len(set(self.metrics)) == len(self.metrics), "eval.generate.metrics names a metric twice")
+        _require(self.max_new_tokens >= 1, f"eval.generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.num_examples >= 0, f"eval.generate.num_examples must be >= 0 (0: off), got {self.num_examples}")
+
+
+@dataclass
+class EvalConfig:
+    """What a run measures besides its eval loss (peftlab.run.generation, peftlab.run.forgetting).
+
+    The defaults measure nothing more, so a config saved before this section existed resumes unchanged."""
+
+    generate: GenerateConfig | None = None  # instruction only; null (or num_examples 0): no generation metrics
+    # Forgetting: the causal-LM loss on general text (an alias, local file or hub id, as data.source takes),
+    # in reference_size chunks of data.chunk_length tokens, before training and after.
+    reference: str | None = None
+    reference_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.reference is None or bool(self.reference.strip()),
+                 "eval.reference must name a text source (e.g. hamlet) or be null")
+        _require(self.reference_size >= 1, f"eval.reference_size must be >= 1, got {self.reference_size}")
+
+    @property
+    def generation_on(self) -> bool:
+        return self.generate is not None and self.generate.num_examples > 0
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2-135m"  # embedded alias, hub id, or local dir
     task: str = "instruction"  # instruction | classification | causal_lm
@@ -334,6 +376,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None  # a label for reports; defaults to the output dir's name
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(self.task in TASKS, _choice_message("task", self.task, TASKS))
@@ -354,6 +397,12 @@ class RunConfig:
         _require(not (quantize and self.train.fsdp),
                  f"method.quantize_base={quantize!r} with train.fsdp=True: sharding a bitsandbytes-quantized base "
                  "is not supported; QLoRA fits a 7B base on one GPU (drop train.fsdp), or use fsdp on a bf16 base")
+        _require(not self.eval.generation_on or self.task == "instruction",
+                 f"eval.generate needs task instruction (it scores generated answers against reference outputs), "
+                 f"but task={self.task}; set eval.generate: null")
+        _require(self.eval.reference is None or self.task in CAUSAL_TASKS,
+                 f"eval.reference measures a causal LM's loss on text, but task={self.task} trains a classifier; "
+                 f"set eval.reference: null")
 
 
 def did_you_mean(value: object, choices: Sequence[str], *, quote: bool = True, prefix: str = "") -> str:

@@ -507,6 +507,19 @@ CASES = [
          "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 'big'"),
     Case("max-batch-tokens-small", _set("train.max_batch_tokens=4"),
          "train.max_batch_tokens must be auto, null or 0 (no split), or an integer >= 8, got 4"),
+    # the eval section: generation metrics and forgetting
+    Case("generate-metric-unknown", _set("eval.generate.metrics=[exact, rougeL]"),
+         "eval.generate.metrics[0]='exact' is not one of exact_match, rougeL, contains (did you mean 'exact_match'?)"),
+    Case("generate-on-classification", _set("task=classification", "eval.generate={num_examples: 4}"),
+         "eval.generate needs task instruction (it scores generated answers against reference outputs), "
+         "but task=classification"),
+    Case("generate-num-examples-negative", _set("eval.generate.num_examples=-2"),
+         "eval.generate.num_examples must be >= 0 (0: off), got -2"),
+    Case("reference-source-unknown", _set("eval.reference=hamlett"),
+         "eval.reference='hamlett' is not an embedded data set (chatterbot, rotten_tomatoes, hamlet) nor a local "
+         "file (did you mean 'hamlet'?)"),
+    Case("reference-file-missing", _set("eval.reference=./no/such/text.txt"),
+         "eval.reference: data file not found: ./no/such/text.txt"),
 ]
 
 

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from peftlab.config import RunConfig, apply_overrides, from_dict, load_config
+from peftlab.config import RunConfig, apply_overrides, config_to_dict, from_dict, load_config
 from peftlab.errors import UserError
 
 
@@ -172,3 +172,67 @@ def test_quantize_base_is_refused_for_methods_that_do_not_read_it(tmp_path, meth
         load_config(path)
     assert str(error.value).startswith(f"method.quantize_base='nf4' is not used by method {method['name']} "
                                        "(only by lora)")
+
+
+# --- the eval section (generation metrics and forgetting) ----------------------------------------
+
+
+def test_the_eval_section_is_off_by_default_and_an_old_saved_config_reads_the_same(tmp_path):
+    config = RunConfig()
+    assert config.eval.generate is None and not config.eval.generation_on and config.eval.reference is None
+    # a config.yaml saved before the section existed has no eval key: it reads back equal to a new default
+    saved = config_to_dict(RunConfig(model="m"))
+    del saved["eval"]
+    assert config_to_dict(from_dict(RunConfig, saved)) == config_to_dict(RunConfig(model="m"))
+
+
+def test_eval_generate_takes_defaults_and_overrides():
+    config = load_config(None, ["eval.generate={}", "eval.reference=hamlet"])
+    assert config.eval.generation_on and config.eval.reference == "hamlet" and config.eval.reference_size == 64
+    assert (config.eval.generate.metrics, config.eval.generate.max_new_tokens, config.eval.generate.num_examples) == (
+        ["exact_match", "rougeL", "contains"], 48, 32)
+    off = load_config(None, ["eval.generate.num_examples=0"])
+    assert not off.eval.generation_on  # 0 examples: off, as null is
+    assert load_config(None, ["eval.generate={metrics: [contains], num_examples: 4}"]).eval.generate.metrics == [
+        "contains"]
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["eval.generate.metrics=[rouge]"], "eval.generate.metrics[0]='rouge' is not one of exact_match, rougeL, "
+                                        "contains (did you mean 'rougeL'?)"),
+    (["eval.generate.metrics=[]"], "eval.generate.metrics must name at least one of"),
+    (["eval.generate.metrics=[contains, contains]"], "names a metric twice"),
+    (["eval.generate.num_examples=-1"], "eval.generate.num_examples must be >= 0 (0: off), got -1"),
+    (["eval.generate.max_new_tokens=0"], "eval.generate.max_new_tokens must be >= 1"),
+    (["eval.reference_size=0"], "eval.reference_size must be >= 1"),
+    (["eval.reference= "], "eval.reference must name a text source"),
+    (["task=classification", "eval.generate.num_examples=4"], "eval.generate needs task instruction"),
+    (["task=causal_lm", "eval.generate={}"], "eval.generate needs task instruction"),
+    (["task=classification", "eval.reference=hamlet"], "eval.reference measures a causal LM's loss"),
+    (["eval.refrence=hamlet"], "unknown config key eval.refrence (did you mean eval.reference?)"),
+])
+def test_bad_eval_values_are_one_line_errors(overrides, fragment):
+    with pytest.raises(UserError) as error:
+        load_config(None, overrides)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_eval_on_a_causal_lm_run_and_generation_off_on_classification_load():
+    assert load_config(None, ["task=causal_lm", "eval.reference=hamlet"]).eval.reference == "hamlet"
+    assert load_config(None, ["task=classification", "eval.generate=null"]).eval.generate is None
+
+
+def test_the_selective_placement_example_measures_generation_and_forgetting():
+    from pathlib import Path
+
+    from peftlab.study.sweep import expand, load_sweep
+
+    trials = expand(load_sweep(Path(__file__).resolve().parents[1] / "examples" / "selective_placement.yaml"), "o")
+    trained = [t for t in trials if not t.is_reference]
+    assert len(trained) == 18 and all(t.config.eval.generation_on and t.config.eval.reference == "hamlet"
+                                      for t in trained)
+    config = trained[0].config
+    assert (config.eval.generate.num_examples, config.eval.reference_size) == (16, 32)
+    assert config.train.max_new_tokens == config.eval.generate.max_new_tokens  # samples reuse the scored answers
+    # the base-model reference evaluation keeps only what its eval loss depends on
+    assert all(t.config.eval.reference is None and t.config.eval.generate is None for t in trials if t.is_reference)

@@ -36,3 +36,36 @@ def test_adapter_classification_on_embedded_minilm_and_rotten_tomatoes(tmp_path,
     assert main(["run", str(config), "--out", str(out)]) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow  # SmolLM2-135M on the CPU: a few steps, 4 generated answers, 4 chunks of Hamlet twice
+def test_generation_metrics_and_forgetting_on_embedded_smollm2(tmp_path, capsys):
+    import torch
+
+    from peftlab.config import load_config
+    from peftlab.inputs.data import load_task_data
+    from peftlab.inputs.models import load_model, load_tokenizer
+    from peftlab.run.generation import generate
+
+    out = tmp_path / "smollm2"
+    settings = ["train.max_steps=2", "train.batch_size=4", "data.eval_size=8", "data.max_length=64",
+                "train.eval_every=null", "train.num_samples=2", "train.max_new_tokens=8", "data.chunk_length=64",
+                "eval.generate={num_examples: 4, max_new_tokens: 8}", "eval.reference=hamlet", "eval.reference_size=4"]
+    code = main(["run", "examples/quickstart.yaml", "--out", str(out), *[a for s in settings for a in ("--set", s)]])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert metrics["gen_examples"] == 4
+    assert all(0.0 <= metrics[f"gen_{m}"] <= 1.0 for m in ("exact_match", "rougeL", "contains"))
+    assert math.isclose(metrics["forgetting"], metrics["reference_loss_after"] - metrics["reference_loss_before"])
+    assert 0.0 < metrics["reference_loss_before"] < 10.0  # the instruct model knows English text
+    assert len(summary["samples"]) == 2 and all(s["generated"] for s in summary["samples"])
+    # on the real model too, a left-padded batch decodes what each prompt decodes alone
+    config = load_config("examples/quickstart.yaml", settings)
+    tokenizer = load_tokenizer(config.model)
+    prompts = load_task_data(config.data, config.task, tokenizer).eval_prompts[:4]
+    model = load_model(config.model, config.task, tokenizer=tokenizer).model
+    cpu = torch.device("cpu")
+    batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, device=cpu)
+    alone = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1, device=cpu)
+    assert [g.generated for g in batched] == [g.generated for g in alone]

@@ -351,3 +351,83 @@ def test_point_labels_in_quality_vs_params_do_not_overlap(tmp_path, monkeypatch)
     boxes = captured["boxes"]
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+# --- generation metrics and forgetting (the config's eval section) ----------------------------------
+
+
+PROMPTS = ["### Instruction:\nname a colour\n\n### Response:\n", "### Instruction:\nsay hi\n\n### Response:\n"]
+
+
+def _eval_run(root, strategy, index, seed, loss, exact, forgetting):
+    """A run that measured generation scores and forgetting, with two samples on the shared prompts."""
+    metrics = {**_metrics(loss), "gen_examples": 8, "gen_exact_match": exact, "gen_rougeL": exact + 0.1,
+               "gen_contains": exact + 0.2, "reference_loss_before": 3.0, "reference_loss_after": 3.0 + forgetting,
+               "forgetting": forgetting}
+    samples = [{"prompt": p, "reference": ref, "generated": f"{strategy} answer {i}\nline two"}
+               for i, (p, ref) in enumerate(zip(PROMPTS, ("red", "hi"), strict=True))]
+    config = {"model": "tiny", "data": {"source": "alpaca.jsonl"}, "train": {"max_steps": 4, "seed": seed},
+              "eval": {"generate": {"metrics": ["exact_match", "rougeL", "contains"], "max_new_tokens": 16,
+                                    "num_examples": 8}, "reference": "hamlet", "reference_size": 64}}
+    _write_run(root, f"{strategy}__seed{seed}", strategy, index, seed, loss=loss, metrics=metrics, samples=samples,
+               config=config)
+
+
+@pytest.fixture
+def eval_sweep(tmp_path):
+    """lora beats full on every generation metric and forgets less, on each of 4 seeds."""
+    root = tmp_path / "sweep"
+    (root / "runs").mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "name": "eval", "baseline": "full", "grid": {}, "seeds": [1, 2, 3, 4],
+        "strategies": {"full": {"method.name": "full"}, "lora": {}}}))
+    for seed in (1, 2, 3, 4):
+        _eval_run(root, "full", 0, seed, 3.0 + 0.01 * seed, 0.2 + 0.01 * seed, 0.5 + 0.02 * seed)
+        _eval_run(root, "lora", 1, seed, 3.1 + 0.01 * seed, 0.5 + 0.013 * seed, 0.1 + 0.01 * seed)
+    return root
+
+
+def test_generation_and_forgetting_reach_every_table_and_the_verdicts(eval_sweep):
+    make_report(eval_sweep)
+    results = {r["run_id"]: r for r in _csv(eval_sweep / "results.csv")}
+    lora = results["lora__seed2"]
+    assert float(lora["gen_exact_match"]) == pytest.approx(0.526) and float(lora["forgetting"]) == pytest.approx(0.12)
+    assert float(lora["reference_loss_after"]) == pytest.approx(3.12) and lora["gen_examples"] == "8"
+    summary = {r["group"]: r for r in _csv(eval_sweep / "summary.csv")}
+    assert float(summary["full"]["forgetting_mean"]) == pytest.approx(0.55)
+    assert float(summary["lora"]["gen_rougeL_mean"]) == pytest.approx(0.6 + 0.013 * 2.5)
+    comparisons = {r["metric"]: r for r in _csv(eval_sweep / "comparisons.csv")}
+    assert set(comparisons) == {"eval_loss", "gen_exact_match", "gen_rougeL", "gen_contains", "forgetting"}
+    exact, forgetting = comparisons["gen_exact_match"], comparisons["forgetting"]
+    # a = full, b = lora, paired by seed: lora wins each seed on exact match (higher) and forgetting (lower)
+    assert exact["test"] == "paired t" and exact["n_pairs"] == "4" and exact["b_wins"] == "4"
+    assert float(exact["mean_diff"]) == pytest.approx(-0.3 - 0.003 * 2.5)
+    assert forgetting["b_wins"] == "4" and float(forgetting["mean_diff"]) == pytest.approx(0.4 + 0.01 * 2.5)
+    report = (eval_sweep / "report.md").read_text()
+    assert "lora has higher exact match (generated answers) than full by" in report
+    assert "lora has lower forgetting (loss on reference text, after minus before training) than full by" in report
+    header = next(line for line in report.splitlines() if line.startswith("| strategy | n |"))
+    assert all(name in header for name in ("gen_exact_match", "gen_rougeL", "gen_contains", "forgetting"))
+    assert "greedy answers to the first 8 eval prompts (max_new_tokens 16)" in report
+    assert "the loss on 64 chunks of hamlet after training minus before" in report
+    assert "Generation metrics are means over only 8 generated answers" in report
+
+
+def test_samples_appear_side_by_side_on_the_same_prompts(eval_sweep):
+    make_report(eval_sweep)
+    report = (eval_sweep / "report.md").read_text()
+    section = report.split("## Samples", 1)[1].split("\n## ", 1)[0]
+    assert "runs of seed 1" in section
+    assert "| prompt | reference | full | lora |" in section
+    # one row per prompt, each strategy's answer in its column; a newline inside a cell is a <br>
+    assert ("| ### Instruction:<br>say hi<br><br>### Response: | hi | full answer 1<br>line two | "
+            "lora answer 1<br>line two |") in section
+    html = (eval_sweep / "report.html").read_text()
+    assert "<td>lora answer 0<br>line two</td>" in html
+
+
+def test_a_report_without_eval_metrics_has_no_samples_or_eval_columns(sweep_dir):
+    make_report(sweep_dir)
+    report = (sweep_dir / "report.md").read_text()
+    assert "## Samples" not in report and "gen_exact_match" not in report and "forgetting" not in report
+    assert {r["metric"] for r in _csv(sweep_dir / "comparisons.csv")} == {"eval_loss"}

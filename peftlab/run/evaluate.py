@@ -1,4 +1,4 @@
-"""Evaluation: token-weighted eval loss, perplexity, accuracy and macro-F1.
+"""Evaluation: token-weighted eval loss, perplexity, accuracy and macro-F1 (generation: run/generation.py).
 
 Perplexity is defined here and only here: exp of the token-weighted mean eval
 loss. (Seed 000 reported loss 3.09 with perplexity 4283; exp(3.09) is 22.)
@@ -15,7 +15,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from peftlab.inputs.data import EvalPrompt
 from peftlab.run.distributed import SINGLE, World, gather_objects, sum_across
 from peftlab.run.losses import LossFn, classification_loss_sum, label_units, loss_sum
 from peftlab.run.sharding import FILLER
@@ -120,22 +119,3 @@ def macro_f1(predicted: torch.Tensor, expected: torch.Tensor) -> float:
         denominator = 2 * true_pos + false_pos + false_neg
         scores.append(2 * true_pos / denominator if denominator else 0.0)
     return sum(scores) / len(scores)
-
-
-@torch.no_grad()
-def generate_samples(model: nn.Module, tokenizer, prompts: list[EvalPrompt], *, max_new_tokens: int,
-                     device: torch.device) -> list[dict[str, str]]:
-    """Greedy completions of a few eval prompts, recorded beside the reference answers."""
-    was_training = model.training
-    model.eval()
-    samples = []
-    for prompt in prompts:
-        # The ids training gave this prompt (same template; chat: with the generation prompt), so the
-        # model continues where it learned to answer.
-        input_ids = torch.tensor([prompt.prompt_ids], device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        completion = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-        samples.append({"prompt": prompt.prompt, "reference": prompt.reference, "generated": completion.strip()})
-    model.train(was_training)
-    return samples

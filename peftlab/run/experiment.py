@@ -44,8 +44,9 @@ from peftlab.locking import folder_lock
 from peftlab.run.artifacts import save_trained
 from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
 from peftlab.run.distributed import World, decided_by_main, join_world, leave_world, max_across
-from peftlab.run.evaluate import generate_samples
 from peftlab.run.folder import FINISHED, check_out_dir, check_reference_dir, holds_training
+from peftlab.run.forgetting import Forgetting, load_reference, reference_loss
+from peftlab.run.generation import generate_for_run
 from peftlab.run.precision import (
     autocast_for,
     enable_gradient_checkpointing,
@@ -104,6 +105,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
     config = with_resolved_split(config, device)  # config.yaml and the summary record the split used
     tokenizer, data, loaded = load_inputs(config, model_cache, device)
+    reference = load_reference(config, tokenizer)  # eval.reference's chunks (None: off); a bad source stops here
     model = loaded.model
     # the head is what the loader newly initialised (exactly, where it reports it), else found structurally
     model_map = build_model_map(model, strict=config.method.targets is None, new_weights=loaded.new_weights)
@@ -126,6 +128,8 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
             trainable_params=prepared.trainable_params, total_params=prepared.total_params))
     if config.method.quantize_base is None:  # bitsandbytes placed a quantized base on its GPU as it loaded
         model.to(device)
+    # forgetting's "before": the untrained model computes the base model's function (run/forgetting.py says why here)
+    before = reference_loss(model, reference, config, tokenizer.pad_token_id, device, world) if reference else None
     world = _shard_if_asked(config, model, model_map, world, device, log)
     gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
@@ -135,14 +139,20 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     if outcome.status == "completed" and config.train.train_eval_size:
         outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
                                          config.train, tokenizer.pad_token_id, device, world=world)
+    extra = {}  # forgetting and generation scores, for summary.json's metrics
+    if outcome.status == "completed" and reference:
+        forgetting = Forgetting(config.eval.reference, len(reference), before,
+                                reference_loss(model, reference, config, tokenizer.pad_token_id, device, world))
+        extra.update(forgetting.as_metrics())
+        log.message(forgetting.line())
     peak_mb = max_across(peak_memory(device)["peak_memory_mb"], world, device)  # training's, the largest rank's
     samples = []
     # sharded blocks: every rank runs the same greedy decoding (each forward gathers every block)
-    if (world.is_main or world.sharded) and outcome.status == "completed" and config.task == "instruction" \
-            and config.train.num_samples:
-        with autocast_for(device, config.train):  # a half base meets fp32 trained layers only under autocast
-            samples = generate_samples(model, tokenizer, data.eval_prompts[: config.train.num_samples],
-                                       max_new_tokens=config.train.max_new_tokens, device=device)
+    if (world.is_main or world.sharded) and outcome.status == "completed" and config.task == "instruction":
+        # autocast: a half base meets fp32 trained layers only under autocast
+        samples, scores = generate_for_run(model, tokenizer, data.eval_prompts, config, device,
+                                           autocast_for(device, config.train))
+        extra.update(scores.as_metrics() if scores else {})
     if world.sharded and outcome.status == "completed":  # whole weights on rank 0 for the export
         gather_parameters(model, keep=world.is_main)
     if not world.is_main:  # the others' share is done: rank 0 alone saves and writes
@@ -152,7 +162,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
                 else Artifact("none", None, 0, f"not exported: {outcome.status}"))
     summary = _summary_of(config, out_dir, data, prepared, outcome, samples, artifact, device, started, loaded,
-                          collapse, world, peak_mb)
+                          collapse, world, peak_mb, extra)
     summary = write_summary(out_dir / SUMMARY_FILE, summary)
     if outcome.status in FINISHED and has_checkpoint(out_dir):
         (out_dir / CHECKPOINT_FILE).unlink()
@@ -176,11 +186,15 @@ def _shard_if_asked(config: RunConfig, model: torch.nn.Module, model_map: ModelM
 
 def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,
                 samples: list, artifact: Artifact, device: torch.device, started: float, loaded: LoadedModel,
-                collapse: Collapse | None, world: World, peak_mb: float) -> RunSummary:
-    """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded."""
+                collapse: Collapse | None, world: World, peak_mb: float,
+                extra: dict[str, float] | None = None) -> RunSummary:
+    """The run's summary; with several ranks, the peak memory is the largest rank's and the world is recorded.
+
+    ``extra``: metrics measured after training besides the evaluation (forgetting, generation scores)."""
     # only rank 0's summary is written: the others skip hashing the weights and data
     env = run_environment(device, loaded.source, data) if world.is_main else {}
-    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env)
+    summary = run_summary(config, out_dir, data, prepared, outcome, samples, artifact, device, started, env,
+                          extra_metrics=extra)
     summary.collapse = collapse
     if world.parallel and summary.resources is not None:
         env["world_size"] = world.size

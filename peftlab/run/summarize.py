@@ -40,12 +40,16 @@ from peftlab.run.train import TrainOutcome
 
 def run_summary(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,
                 samples: list[dict], artifact: Artifact, device: torch.device, started: float,
-                env: dict[str, Any]) -> RunSummary:
-    """A training run's summary (collapse is added by the caller, which judged it)."""
+                env: dict[str, Any], *, extra_metrics: dict[str, float] | None = None) -> RunSummary:
+    """A training run's summary (collapse is added by the caller, which judged it).
+
+    ``extra_metrics``: what the run measured after training besides its evaluation: forgetting
+    (reference_loss_before, reference_loss_after, forgetting; run/forgetting.py) and generation
+    scores (gen_examples, gen_<metric>; run/generation.py)."""
     divergence = Divergence.from_json(outcome.divergence) if outcome.divergence else None
     return RunSummary(
         status=outcome.status, name=config.name or out_dir.name, model=config.model, task=config.task,
-        method=config.method.name, metrics=_metrics(outcome),
+        method=config.method.name, metrics={**_metrics(outcome), **(extra_metrics or {})},
         params=Params(prepared.trainable_params, prepared.total_params, prepared.percent_trainable),
         resources=_resources(outcome.state.train_seconds, outcome.state.train_tokens, outcome.tokens_per_s,
                              outcome.state.step, outcome.total_steps, artifact.bytes, device, outcome.load_avg_max),

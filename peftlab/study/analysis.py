@@ -22,15 +22,21 @@ from peftlab.run.summary import SUMMARY_FILE, DamagedSummary, RunSummary, load_s
 from peftlab.study.stats import Comparison, GroupStats, aggregate, compare_all, group_label, mark_pareto
 from peftlab.study.sweep import REFERENCE, SWEEP_FILE
 
-# Quality metrics compared pairwise, per task. Perplexity is exp(eval_loss): its verdicts are eval_loss's.
+# Quality metrics compared pairwise, per task; the first is the report's quality metric. Perplexity is
+# exp(eval_loss): its verdicts are eval_loss's. A metric no run has (generation scores and forgetting are
+# measured only when the config's eval section asks) gives no comparisons.
+GENERATION_KEYS = ("gen_exact_match", "gen_rougeL", "gen_contains")  # run/generation.py: gen_<metric>
+FORGETTING_KEYS = ("forgetting", "reference_loss_before", "reference_loss_after")  # run/forgetting.py
 QUALITY_METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),
-                   "instruction": ("eval_loss",), "causal_lm": ("eval_loss",)}
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "eval_loss": False, "perplexity": False}
+                   "instruction": ("eval_loss", *GENERATION_KEYS, "forgetting"),
+                   "causal_lm": ("eval_loss", "forgetting")}
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "eval_loss": False, "perplexity": False,
+                    **{key: True for key in GENERATION_KEYS}, "forgetting": False}
 RESOURCE_KEYS = ("train_seconds", "tokens_per_s", "peak_memory_mb", "memory_kind", "adapter_bytes", "steps",
                  "total_steps", "train_tokens", "load_avg_max", "cpu_count")
 AGGREGATED = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss",
               "trainable_params", "percent_trainable", "train_seconds", "tokens_per_s", "peak_memory_mb",
-              "adapter_bytes")
+              "adapter_bytes", *GENERATION_KEYS, *FORGETTING_KEYS)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The report's "What this data can and cannot say": every caveat a reader needs before trusting a number.
 
 Runs left out of the means and why, groups with one seed, a classifier that does not beat the
-majority class, a small eval set, short training, a shared machine, CPU memory figures, and what
-the runs themselves warned about (the data loader's findings).
+majority class, a small eval set, short training, generation metrics over few answers, a shared
+machine, CPU memory figures, and what the runs themselves warned about (the data loader's findings).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def warning_lines(a: Analysis) -> list[str]:
     lines += one_seed_warnings(a.groups, a.quality)
     lines += majority_class_warnings(a)
     lines += regime_warnings(a)
+    lines += generation_warnings(a)
     # each run's small-eval warning is left out: regime_warnings words it once, for the whole sweep
     runner = {m for r in a.runs if r.summary for m in r.summary.warning_messages(leave_out=(SMALL_EVAL,))}
     lines += [f"runner: {m}" for m in sorted(runner)]
@@ -53,6 +54,16 @@ def regime_warnings(a: Analysis) -> list[str]:
         lines.append(f"Runs trained for as few as {min(steps)} optimizer steps (fewer than {SHORT_TRAINING_STEPS}): "
                      "an ordering of strategies this early may not hold for a full fine-tune.")
     return lines
+
+
+def generation_warnings(a: Analysis) -> list[str]:
+    """Generation metrics over few examples: one answer more or less moves exact match by 1/n."""
+    counts = [r["gen_examples"] for r in a.rows if isinstance(r.get("gen_examples"), int)]
+    if not counts or min(counts) >= SMALL_EVAL_EXAMPLES:
+        return []
+    return [f"Generation metrics are means over only {min(counts)} generated answers (fewer than "
+            f"{SMALL_EVAL_EXAMPLES}): one answer more or less moves exact match and contains by "
+            f"{1 / min(counts):.2g}."]
 
 
 def load_warnings(a: Analysis) -> list[str]:

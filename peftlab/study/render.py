@@ -30,11 +30,16 @@ def render_markdown(blocks: list[Block]) -> str:
         elif kind == "table":
             headers, rows = block[1], block[2]
             lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines) + "\n")
         elif kind == "img":
             out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*\n")
     return "\n".join(out)
+
+
+def _md_cell(cell: object) -> str:
+    """A Markdown table cell: a pipe escaped, a line break as <br> (a raw newline would end the row)."""
+    return str(cell).replace("|", "\\|").replace("\n", "<br>")
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
@@ -58,7 +63,8 @@ def render_html(blocks: list[Block], directory: Path, title: str) -> str:
             out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
             head = "".join(f"<th>{e(str(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c)).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>"
+                           for row in block[2])
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode((directory / block[1]).read_bytes()).decode()

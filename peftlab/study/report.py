@@ -16,7 +16,7 @@ from typing import Any
 
 from peftlab.diskio import write_atomic, writing
 from peftlab.study import figures, verdicts
-from peftlab.study.analysis import Analysis, analyse, read_metrics, result_row
+from peftlab.study.analysis import FORGETTING_KEYS, GENERATION_KEYS, Analysis, analyse, read_metrics, result_row
 from peftlab.study.caveats import warning_lines
 from peftlab.study.render import Block, render_html, render_markdown
 from peftlab.study.stats import Spread, Stat, group_label
@@ -88,6 +88,7 @@ def document(analysis: Analysis, figure_paths: list[tuple[Path, str]], directory
     blocks += [("h2", "Figures")]
     for path, caption in figure_paths:
         blocks.append(("img", path.relative_to(directory).as_posix(), caption))
+    blocks += sample_blocks(analysis)
     blocks += [("h2", "All runs"), runs_table(analysis)]
     blocks += environment_blocks(analysis)
     return blocks
@@ -114,6 +115,7 @@ def setup_blocks(a: Analysis) -> list[Block]:
         f"weight decay {train.get('weight_decay')}; seeds: {', '.join(map(str, seeds))}",
         f"quality metric: {quality_label(a.quality, a.task)}, {'higher' if a.higher_is_better else 'lower'} is better;"
         f" baseline strategy: {a.baseline}",
+        *eval_lines(configs, a.rows),
     ]
     blocks: list[Block] = [("h2", "Setup"), ("ul", lines)]
     strategies = a.sweep.get("strategies") or {}
@@ -134,8 +136,28 @@ def _shared(values: list[Any]) -> Any:
 
 
 
+def eval_lines(configs: list[dict], rows: list[dict[str, Any]]) -> list[str]:
+    """What the eval section measured besides the eval loss: generation metrics and forgetting, and how."""
+    sections = [c.get("eval") or {} for c in configs]
+    lines = []
+    generate = _shared([s.get("generate") for s in sections])
+    counts = sorted({r["gen_examples"] for r in rows if isinstance(r.get("gen_examples"), int)})
+    if counts:
+        how = (f"max_new_tokens {generate.get('max_new_tokens')}" if isinstance(generate, dict)
+               else "settings per strategy")
+        lines.append(f"generation metrics (higher is better): greedy answers to the first {'/'.join(map(str, counts))} "
+                     f"eval prompts ({how}) scored against the reference outputs: exact match (after stripping "
+                     f"whitespace), contains (the reference appears in the answer), ROUGE-L F-measure")
+    if any(isinstance(r.get("forgetting"), (int, float)) for r in rows):
+        reference = _shared([s.get("reference") for s in sections])
+        size = _shared([s.get("reference_size") for s in sections])
+        lines.append(f"forgetting (lower is better): the loss on {size} chunks of {reference} after training minus "
+                     f"before (nats per token; positive: training made the model worse at that text)")
+    return lines
+
+
 def summary_table(a: Analysis) -> Block:
-    extra = [m for m in ("eval_loss", "perplexity", "macro_f1", "train_accuracy")
+    extra = [m for m in ("eval_loss", "perplexity", "macro_f1", "train_accuracy", *GENERATION_KEYS, "forgetting")
              if m != a.quality and any(m in g.stats for g in a.groups)]
     headers = ["strategy", "n", f"{a.quality}", f"{a.quality} vs {a.baseline}", *extra, "trainable params",
                "% trainable", "param reduction", "loss increase per M params saved", "train time (s)",
@@ -161,8 +183,10 @@ def summary_table(a: Analysis) -> Block:
 
 
 def runs_table(a: Analysis) -> Block:
-    headers = ["run", "strategy", "seed", "status", a.quality, "trainable params", "train time (s)", "note"]
+    measured = [m for m in (*GENERATION_KEYS, *FORGETTING_KEYS) if any(r.get(m) is not None for r in a.rows)]
+    headers = ["run", "strategy", "seed", "status", a.quality, *measured, "trainable params", "train time (s)", "note"]
     rows = [[r["run_id"], r["strategy"], r["seed"], r["status"], _num(r.get(a.quality), "{:.4f}"),
+             *[_num(r.get(m), "{:.4f}") for m in measured],
              _num(r.get("trainable_params"), "{:,.0f}"), _num(r.get("train_seconds"), "{:.1f}"),
              r["reason"] or _steps(r)]
             for r in a.rows]
@@ -174,6 +198,47 @@ def _steps(row: dict[str, Any]) -> str:
     notes = ([f"best at step {row['best_step']}"] if row.get("best_step") is not None else []) + \
         ([f"stopped early at step {row['stopped_early_step']}"] if row.get("stopped_early_step") is not None else [])
     return "; ".join(notes)
+
+
+SAMPLE_CHARS = 240  # a longer answer is cut in the report, a longer prompt keeps its end (summary.json: whole)
+
+
+def sample_blocks(a: Analysis) -> list[Block]:
+    """A few generated answers per strategy, side by side on the same eval prompts (one seed's runs)."""
+    picked = _sample_runs(a)
+    if picked is None:
+        return []
+    seed, runs = picked
+    rows = []
+    for index, sample in enumerate(runs[0][1]):
+        answers = [samples[index].get("generated", "") if index < len(samples)
+                   and samples[index].get("prompt") == sample.get("prompt") else "-" for _, samples in runs]
+        rows.append([_cut(str(sample.get("prompt", "")), keep_end=True), _cut(str(sample.get("reference", ""))),
+                     *[_cut(str(answer)) for answer in answers]])
+    return [("h2", "Samples"),
+            ("p", f"Greedy answers to the first eval prompts by the runs of seed {seed}, every strategy on the same "
+                  f"prompts (shown by their end, where the question is; summary.json holds them whole). "
+                  f"-: that run has no answer to this prompt."),
+            ("table", ["prompt", "reference", *[label for label, _ in runs]], rows)]
+
+
+def _sample_runs(a: Analysis) -> tuple[Any, list[tuple[str, list[dict]]]] | None:
+    """(seed, [(group label, that run's samples)]): the seed with samples from the most strategies, lowest first."""
+    by_seed: dict[Any, dict[str, list[dict]]] = {}
+    for run in a.runs:
+        if run.status == "completed" and run.summary and run.summary.samples:
+            by_seed.setdefault(run.seed, {}).setdefault(group_label(run.strategy, run.grid), run.summary.samples)
+    if not by_seed:
+        return None
+    seed = min(by_seed, key=lambda s: (-len(by_seed[s]), s is None, s or 0))
+    return seed, [(g.label, by_seed[seed][g.label]) for g in a.groups if g.label in by_seed[seed]]
+
+
+def _cut(text: str, keep_end: bool = False) -> str:
+    text = text.strip()
+    if len(text) <= SAMPLE_CHARS:
+        return text
+    return "…" + text[1 - SAMPLE_CHARS:] if keep_end else text[:SAMPLE_CHARS - 1] + "…"
 
 
 def environment_blocks(a: Analysis) -> list[Block]:

@@ -15,11 +15,12 @@ from typing import Any
 
 from peftlab.diskio import write_atomic
 from peftlab.study import verdicts
-from peftlab.study.analysis import AGGREGATED, RESOURCE_KEYS, Analysis, result_row
+from peftlab.study.analysis import AGGREGATED, FORGETTING_KEYS, GENERATION_KEYS, RESOURCE_KEYS, Analysis, result_row
 from peftlab.study.stats import GroupStats
 from peftlab.study.sweep import REFERENCE
 
-METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss")
+METRIC_KEYS = ("eval_loss", "perplexity", "accuracy", "macro_f1", "train_accuracy", "train_loss", *GENERATION_KEYS,
+               "gen_examples", *FORGETTING_KEYS)
 STEP_KEYS = ("best_step", "stopped_early_step")  # train.keep_best, train.early_stopping
 
 

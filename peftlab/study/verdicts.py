@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 
 COLUMNS = ["metric", "a", "b", "test", "n_pairs", "n_a", "n_b", "mean_diff", "ci_low", "ci_high", "p_value",
            "p_adjusted", "a_wins", "b_wins", "ties", "verdict", "sd_diff", "min_detectable_diff", "seeds_to_detect"]
-METRIC_NAMES = {"eval_loss": "eval loss", "accuracy": "accuracy", "macro_f1": "macro-F1", "perplexity": "perplexity"}
+METRIC_NAMES = {"eval_loss": "eval loss", "accuracy": "accuracy", "macro_f1": "macro-F1", "perplexity": "perplexity",
+                "gen_exact_match": "exact match (generated answers)", "gen_rougeL": "ROUGE-L (generated answers)",
+                "gen_contains": "contains-the-reference rate (generated answers)",
+                "forgetting": "forgetting (loss on reference text, after minus before training)"}
 
 
 def comparison_rows(comparisons: list[Comparison]) -> list[dict[str, Any]]:
