@@ -235,7 +235,8 @@ def add_finished_commands(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
                           help="an instruction (instruction runs) or text to continue (causal_lm runs); repeatable")
     generate.add_argument("--file", help="prompts.txt (one a line) or prompts.jsonl ({instruction, input} or {text})")
-    generate.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the run's train.max_new_tokens)")
+    generate.add_argument("--max-new-tokens", type=int,
+                          help="tokens to generate (default: the run's train.max_new_tokens)")
     generate.set_defaults(handler=_generate)
 
     merge = subparsers.add_parser("merge", help="save a finished run as a standalone transformers model")

@@ -58,8 +58,8 @@ def check_finished(run_dir: str | Path) -> tuple[RunConfig, RunSummary, Artifact
         raise UserError(f"run folder not found: {run_dir}")
     summary = read_summary(run_dir / SUMMARY_FILE)
     if summary is None:
-        what = "an unfinished run (a checkpoint, no summary.json): finish it with `peftlab run ... --resume`" \
-            if has_checkpoint(run_dir) else "no summary.json: not a finished peftlab run (interrupted, or still running?)"
+        what = ("an unfinished run (a checkpoint, no summary.json): finish it with `peftlab run ... --resume`"
+                if has_checkpoint(run_dir) else "no summary.json: not a finished peftlab run (interrupted or running?)")
         raise UserError(f"{run_dir} holds {what}")
     if summary.role == "reference":
         raise UserError(f"{run_dir} is a base-model reference evaluation: it trained nothing to load")
@@ -71,7 +71,8 @@ def check_finished(run_dir: str | Path) -> tuple[RunConfig, RunSummary, Artifact
         raise UserError(f"{run_dir} saved no model ({note}): nothing to load (a full fine-tuning run made before "
                         f"runs kept {MODEL_DIR}/ must be rerun)")
     if not (run_dir / artifact.path).exists():
-        raise UserError(f"{run_dir / artifact.path} is missing, though summary.json records it: the folder is incomplete")
+        raise UserError(f"{run_dir / artifact.path} is missing, though summary.json records it: the run folder is "
+                        "incomplete")
     config = from_dict(RunConfig, load_yaml(run_dir / CONFIG_FILE)) if (run_dir / CONFIG_FILE).is_file() else None
     if config is None:
         raise UserError(f"{run_dir} has no {CONFIG_FILE}: the run's config is needed to rebuild its model")

@@ -68,7 +68,7 @@ def _prompt_file(path: Path, key: str) -> list[dict[str, str]]:
 
 
 def generate(run: FinishedRun, records: list[dict[str, str]], max_new_tokens: int | None = None) -> list[dict]:
-    """Greedy completions of ``records`` (read_prompts), each {"prompt", "generated"}, as the run's samples were made."""
+    """Greedy completions of ``records`` (read_prompts), each {"prompt", "generated"}, as the run made its samples."""
     config = run.config
     prompts = [format_prompt(r) if config.task == "instruction" else r["text"] for r in records]
     with autocast_for(run.device, config.train):  # a half base meets fp32 trained layers only under autocast
