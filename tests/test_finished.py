@@ -94,7 +94,8 @@ def _dir_bytes(folder: Path) -> int:
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_the_rebuilt_model_reproduces_the_runs_own_evaluation(name, runs, tmp_path, capsys):
-    """`peftlab eval` on the run's own data and eval split gives the run's numbers: the rebuilt model is the trained one."""
+    """`peftlab eval` on the run's own data and eval split gives the run's numbers: the rebuilt model is the trained
+    one."""
     run, task = runs[name], RUNS[name][1]
     out = tmp_path / "eval.json"
     code = main(["eval", str(run), "--data", str(runs["data"][task]), "--split", "eval", "--json", str(out)])
@@ -161,7 +162,8 @@ def _record_of(prompt: str, data: Path) -> dict:
 
 @pytest.mark.parametrize("name", CAUSAL_RUNS)
 def test_generate_reproduces_the_runs_own_sample(name, runs, tmp_path, capsys):
-    """The run's sample was made by generate_samples on the trained model: the CLI, from the saved model, says the same."""
+    """The run's sample was made by generate_samples on the trained model; the CLI, from the saved model, says the
+    same."""
     sample = read_summary(runs[name] / "summary.json").samples[0]
     record = _record_of(sample["prompt"], runs["data"]["instruction"])
     prompts = tmp_path / "prompts.jsonl"
@@ -227,7 +229,7 @@ def test_strict_loading_names_missing_and_misshapen_tensors(runs, tmp_path):
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["method"]["bottleneck"] = 8  # the rebuilt adapters no longer have the saved shapes
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(UserError, match="does not fit the model the run's config.yaml rebuilds .*shape saved vs rebuilt"):
+    with pytest.raises(UserError, match="does not fit the model the run's config.yaml .*shape saved vs rebuilt"):
         load_finished(copy, device="cpu")
 
 
