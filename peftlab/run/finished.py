@@ -73,10 +73,9 @@ def check_finished(run_dir: str | Path) -> tuple[RunConfig, RunSummary, Artifact
     if not (run_dir / artifact.path).exists():
         raise UserError(f"{run_dir / artifact.path} is missing, though summary.json records it: the run folder is "
                         "incomplete")
-    config = from_dict(RunConfig, load_yaml(run_dir / CONFIG_FILE)) if (run_dir / CONFIG_FILE).is_file() else None
-    if config is None:
+    if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}: the run's config is needed to rebuild its model")
-    return config, summary, artifact
+    return from_dict(RunConfig, load_yaml(run_dir / CONFIG_FILE)), summary, artifact
 
 
 def _why_not(summary: RunSummary) -> str:
