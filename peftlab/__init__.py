@@ -31,6 +31,9 @@ _API = {
     # one run
     "run_experiment": "peftlab.run.experiment", "inspect_placement": "peftlab.run.inspection",
     "RunSummary": "peftlab.run.summary", "read_summary": "peftlab.run.summary",
+    # a finished run
+    "load_finished": "peftlab.run.finished", "evaluate_run": "peftlab.run.reuse", "merge_run": "peftlab.run.reuse",
+    "push_run": "peftlab.run.push",
     # many runs
     "load_sweep": "peftlab.study.sweep", "run_sweep": "peftlab.study.executors",
     "make_report": "peftlab.study.report",

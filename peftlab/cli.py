@@ -1,4 +1,5 @@
-"""Command line: `peftlab run`, `inspect`, `sweep` and `report`; argument parsing only.
+"""Command line: `peftlab run`, `inspect`, `sweep`, `report`, and for a finished run `generate`, `merge`, `eval`,
+`push`; argument parsing only.
 
 A user mistake (UserError) prints one line and exits 2; anything else is a bug
 and keeps its traceback.
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
     inspect.set_defaults(handler=_inspect)
     add_sweep_commands(commands)
+    add_finished_commands(commands)
     return parser
 
 
@@ -221,6 +223,88 @@ def report_command(args: argparse.Namespace) -> int:
 def _print_paths(paths: dict[str, Path]) -> None:
     for key in ("markdown", "html", "summary", "comparisons", "results"):
         print(f"{key:>11}: {paths[key]}", file=sys.stdout)
+
+
+# --- finished runs ---------------------------------------------------------------------------
+
+
+def add_finished_commands(subparsers: argparse._SubParsersAction) -> None:
+    """`peftlab generate`, `merge`, `eval` and `push`: use a completed run's saved model."""
+    generate = subparsers.add_parser("generate", help="greedy completions from a finished run, in its prompt template")
+    generate.add_argument("run_dir", metavar="RUN_DIR", help="a completed run's folder")
+    generate.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                          help="an instruction (instruction runs) or text to continue (causal_lm runs); repeatable")
+    generate.add_argument("--file", help="prompts.txt (one a line) or prompts.jsonl ({instruction, input} or {text})")
+    generate.add_argument("--max-new-tokens", type=int,
+                          help="tokens to generate (default: the run's train.max_new_tokens)")
+    generate.set_defaults(handler=_generate)
+
+    merge = subparsers.add_parser("merge", help="save a finished run as a standalone transformers model")
+    merge.add_argument("run_dir", metavar="RUN_DIR")
+    merge.add_argument("--out", required=True, help="new (or empty) folder for the model and its tokenizer")
+    merge.set_defaults(handler=_merge)
+
+    evaluate = subparsers.add_parser("eval", help="evaluate a finished run on other data of the same task")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--data", required=True, metavar="SOURCE", help="data alias, local file or hub dataset id")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                          help="override a data key of the run's config, e.g. data.fields={text: review} (repeatable)")
+    evaluate.add_argument("--split", default="all", choices=("all", "eval"),
+                          help="all: every example of SOURCE; eval: the eval split the run's data settings cut")
+    evaluate.add_argument("--json", dest="json_file", metavar="FILE", help="also write the result as JSON")
+    evaluate.set_defaults(handler=_evaluate)
+
+    push = subparsers.add_parser("push", help="upload a finished run to the Hugging Face Hub, with a model card")
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("--repo", required=True, metavar="ID", help="Hub repository id, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
+    push.set_defaults(handler=_push)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from peftlab.run.finished import check_finished, load_finished
+    from peftlab.run.reuse import generate, read_prompts
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config, _, _ = check_finished(args.run_dir)
+    records = read_prompts(args.prompts, args.file, config.task)  # before the model loads: a mistake costs nothing
+    for number, sample in enumerate(generate(load_finished(args.run_dir), records, args.max_new_tokens), 1):
+        print(f"### prompt {number}\n{sample['prompt']}\n### completion {number}\n{sample['generated']}\n")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from peftlab.run.reuse import merge_run
+
+    print(f"merged model and tokenizer in {merge_run(args.run_dir, args.out)}/")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from peftlab.diskio import write_atomic
+    from peftlab.run.reuse import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data, args.overrides, args.split)
+    print(f"{result.examples} examples of {result.source} ({result.split}"
+          + (f", {result.dropped} records left out" if result.dropped else "") + ")")
+    for key, value in result.metrics.items():
+        print(f"{key:>12}  {value:.4f}" if isinstance(value, float) else f"{key:>12}  {value}")
+    if args.json_file:
+        write_atomic(Path(args.json_file), json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from peftlab.run.push import push_run
+
+    plan = push_run(args.run_dir, args.repo, private=args.private, dry_run=args.dry_run)
+    visibility = "private" if plan.private else "public"
+    print(f"{'would upload' if args.dry_run else 'uploaded'} to {plan.repo} ({visibility}):")
+    for line in plan.lines():
+        print(f"  {line}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -383,6 +383,95 @@ UNSTABLE_TEMPLATE = ("{{ messages | length }}{% for m in messages %}<|{{ m['role
                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+def _full_disk_after_the_model(env: Env) -> list[str]:
+    """Room for everything a full fine-tuning run writes up to its summary, model/ included: the disk fills up
+    right after the model is saved (patched writes fail on summary.json only)."""
+    import peftlab.run.experiment
+
+    folder = env.disk.full(env.tmp / "disk", room=400 * 1024, failing="summary.json")
+    real_save = peftlab.run.experiment.save_trained
+
+    def save_then_fill(*args, **kwargs):
+        artifact = real_save(*args, **kwargs)
+        if env.disk.real:  # a real tmpfs: fill what is left; patched writes already refuse summary.json
+            with contextlib.suppress(OSError), open(folder / "filler-after-model", "wb") as handle:
+                while True:
+                    handle.write(b"\0" * 4096)
+                    handle.flush()
+        return artifact
+    env.disk.monkeypatch.setattr(peftlab.run.experiment, "save_trained", save_then_fill)
+    return ["run", str(env.config(method={"name": "full"}, train={"num_samples": 0})), "--out", str(folder / "run")]
+
+
+# --- finished runs: generate, merge, eval, push ---------------------------------------------------
+
+
+def _finished_run(env: Env, status: str = "completed", **method) -> Path:
+    """A run folder as a finished run leaves it, without training: config.yaml, summary.json, the artifact's
+    folder. Enough for every check made before the model loads."""
+    from summaries import make_summary
+
+    from peftlab.run.summary import Artifact, Divergence, write_summary
+
+    out = env.tmp / "finished"
+    out.mkdir()
+    config = env.config(**({"method": method} if method else {}))
+    (out / "config.yaml").write_text(_resolved(config))
+    (out / "adapter").mkdir()
+    diverged = {"divergence": Divergence(2, "non-finite loss (nan)", ["w"])} if status == "diverged" else {}
+    write_summary(out / "summary.json", make_summary(status, artifacts=Artifact("peft", "adapter", 1), **diverged))
+    return out
+
+
+def _trained_run(env: Env, **method) -> Path:
+    """A real three-step run (tiny Llama), for checks made after the model loads."""
+    out = env.tmp / "trained"
+    config = env.config(**({"method": method} if method else {}), train={"num_samples": 0})
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    return out
+
+
+def _unfinished_run(env: Env) -> list[str]:
+    out = env.tmp / "unfinished"
+    out.mkdir()
+    (out / "config.yaml").write_text(_resolved(env.config()))
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    return ["generate", str(out), "--prompt", "hi"]
+
+
+def _tampered_trainable(env: Env) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    run = _trained_run(env, name="adapter")
+    tensors = load_file(str(run / "trainable.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(run / "trainable.safetensors"))
+    env.fragments.append(f"{name} (3, 3) vs")
+    return ["generate", str(run), "--prompt", "hi"]
+
+
+def _on_finished(command: str, *args: str, status: str = "completed",
+                 method: dict | None = None) -> Callable[[Env], list[str]]:
+    """``peftlab COMMAND <a _finished_run folder> ARGS`` ("{tmp}" in ARGS is the case's folder)."""
+    def build(env: Env) -> list[str]:
+        run = _finished_run(env, status, **(method or {}))
+        return [command, str(run), *[arg.format(tmp=env.tmp) for arg in args]]
+    return build
+
+
+def _eval_on_reviews(env: Env) -> list[str]:
+    """An instruction run evaluated on classification data."""
+    return ["eval", str(_trained_run(env)), "--data", str(_reviews(env.tmp / "reviews.csv"))]
+
+
+def _merge_into_non_empty(env: Env) -> list[str]:
+    out = env.tmp / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return ["merge", str(_finished_run(env)), "--out", str(out)]
+
+
 @dataclass
 class Case:
     id: str
@@ -452,8 +541,7 @@ CASES = [
     Case("full-disk-at-log", _full_disk_at(2, "train.log"), "train.log: No space left on device"),
     Case("full-disk-at-metrics", _full_disk_at(3, "metrics.jsonl"), "metrics.jsonl: No space left on device"),
     Case("full-disk-at-checkpoint", _full_disk_at_checkpoint, "checkpoint.safetensors: No space left on device"),
-    Case("full-disk-at-summary", _full_disk_at(4, "summary.json", method={"name": "full"}, train={"num_samples": 0}),
-         "summary.json: No space left on device"),
+    Case("full-disk-at-summary", _full_disk_after_the_model, "summary.json: No space left on device"),
     Case("read-only-run", _read_only_run, "Read-only file system (EROFS)"),
     Case("read-only-sweep", _read_only_sweep, "Read-only file system (EROFS)"),
     Case("read-only-report", _read_only_report, "Read-only file system (EROFS)"),
@@ -520,6 +608,25 @@ CASES = [
          "file (did you mean 'hamlet'?)"),
     Case("reference-file-missing", _set("eval.reference=./no/such/text.txt"),
          "eval.reference: data file not found: ./no/such/text.txt"),
+    # finished runs: generate, merge, eval, push
+    Case("generate-run-dir-missing", lambda env: ["generate", str(env.tmp / "nowhere"), "--prompt", "hi"],
+         "run folder not found"),
+    Case("generate-unfinished-run", _unfinished_run, "holds no summary.json: not a finished peftlab run"),
+    Case("eval-diverged-run", _on_finished("eval", "--data", "x.jsonl", status="diverged"),
+         "did not complete (diverged: step 2, non-finite loss (nan)), so it saved no model"),
+    Case("merge-collapsed-run", _on_finished("merge", "--out", "{tmp}/m", status="collapsed"),
+         "did not complete (collapsed"),
+    Case("merge-out-not-empty", _merge_into_non_empty, "already exists and is not an empty folder"),
+    Case("merge-adapter-run", _on_finished("merge", "--out", "{tmp}/m", method={"name": "adapter"}),
+         "houlsby bottleneck adapters: layers that no transformers architecture has"),
+    Case("eval-wrong-task-data", _eval_on_reviews, "lacks instruction (column 'instruction')"),
+    Case("eval-set-outside-data", _on_finished("eval", "--data", "x", "--set", "train.lr=1"),
+         "--set train.lr=1: eval changes data.* keys only"),
+    Case("generate-no-prompt", _on_finished("generate"), "no prompt given"),
+    Case("generate-trainable-does-not-fit", _tampered_trainable,
+         "does not fit the model the run's config.yaml rebuilds (shape saved vs rebuilt: "),
+    Case("push-bad-repo-id", _on_finished("push", "--repo", "not a repo", "--dry-run"),
+         "--repo 'not a repo' is not a Hub repository id"),
 ]
 
 

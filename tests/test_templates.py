@@ -13,7 +13,15 @@ from conftest import build_tiny_tokenizer
 from peftlab import messages as peftlab_messages
 from peftlab.config import DataConfig, RunConfig, changed_keys, config_to_dict, data_identity, from_dict, load_yaml
 from peftlab.errors import UserError
-from peftlab.inputs.data import IGNORE_INDEX, EvalPrompt, encode_prompt, encode_response, format_prompt, load_task_data
+from peftlab.inputs.data import (
+    IGNORE_INDEX,
+    EvalPrompt,
+    encode_prompt,
+    encode_response,
+    format_prompt,
+    load_task_data,
+    prompt_for,
+)
 from peftlab.inputs.data.conversations import Conversation, Turn, detect_format
 from peftlab.inputs.data.formats import special_affixes
 from peftlab.inputs.data.templates import choose_template, encode_chat
@@ -332,3 +340,18 @@ def test_smollm2_trains_on_messages_with_its_own_chat_template(tmp_path, capsys)
     assert summary["status"] == "completed"
     assert summary["samples"][0]["prompt"].endswith("<|im_start|>assistant\n")
     assert "messages format, chat template: data.template=chat is set" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca", "none"])
+def test_a_new_prompt_is_encoded_as_the_run_encoded_its_eval_prompts(chat_tok, tmp_path, template):
+    """`peftlab generate` feeds a finished run prompts through ``prompt_for``: the same ids that the run's
+    template gave the same record as an eval prompt (chat: the user turn and the generation prompt)."""
+    rows = [{"instruction": f"name the number {i}", "input": "in words" if i % 2 else "", "output": f"{i}"}
+            for i in range(10)]
+    data = load_task_data(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", rows), eval_size=4,
+                                     template=template), "instruction", chat_tok)
+    assert data.template == template
+    by_text = {row["output"]: row for row in rows}
+    for prompt in data.eval_prompts:
+        fresh = prompt_for(by_text[prompt.reference], template, chat_tok)
+        assert fresh.prompt_ids == prompt.prompt_ids and fresh.prompt == prompt.prompt

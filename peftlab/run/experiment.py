@@ -6,7 +6,8 @@ Output directory:
   summary.json     a RunSummary (run/summary.py): status, metrics, parameters, resources, placement, warnings
   adapter/         LoRA runs: the adapter in HF peft format
   trainable.safetensors  other methods (and fused-slice LoRA): the trained parameters
-                   (neither for a diverged or collapsed run: its weights are not worth keeping)
+  model/           full and partial runs: the whole trained model + tokenizer (save_pretrained), for transformers
+                   (none of these for a diverged or collapsed run: its weights are not worth keeping)
   train.log        messages, including the placement map
   checkpoint.safetensors  the latest checkpoint (removed once training has run to its end)
   .lock            flock'd while a process works in the folder (locking.py); holds that process's pid
@@ -159,8 +160,8 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
         return _summary_of(config, out_dir, data, prepared, outcome, [], Artifact("none", None, 0, None), device,
                            started, loaded, collapse, world, peak_mb)
     # a diverged or collapsed model is not worth its disk space, nor safe to pick up by mistake
-    artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task) if outcome.status == "completed"
-                else Artifact("none", None, 0, f"not exported: {outcome.status}"))
+    artifact = (save_trained(model, prepared, out_dir, loaded.source, config.task, tokenizer)
+                if outcome.status == "completed" else Artifact("none", None, 0, f"not exported: {outcome.status}"))
     summary = _summary_of(config, out_dir, data, prepared, outcome, samples, artifact, device, started, loaded,
                           collapse, world, peak_mb, extra)
     summary = write_summary(out_dir / SUMMARY_FILE, summary)

@@ -116,7 +116,8 @@ def run_warnings(data: TaskData) -> list[RunWarning]:
 def _common(config: RunConfig, data: TaskData, env: dict[str, Any], started: float) -> dict[str, Any]:
     """The part of a summary every kind of run shares: data, warnings, environment, timing, config."""
     return {
-        "data": DataInfo(len(data.train), len(data.eval), *majority_class(data.eval, data.label_names)),
+        "data": DataInfo(len(data.train), len(data.eval), *majority_class(data.eval, data.label_names),
+                         template=data.template),
         "warnings": run_warnings(data),
         "environment": env,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),

@@ -121,13 +121,20 @@ class Resources(_Record):
 
 @dataclass
 class Artifact(_Record):
-    """The trained parameters on disk: format peft | safetensors | none, path relative to the run folder."""
+    """The trained parameters on disk: format peft | safetensors | transformers | none, path relative to the run folder.
+
+    ``bytes`` is the size of ``path`` (a folder: all its files). Full and partial runs also keep the
+    whole model as ``save_pretrained`` writes it (with the tokenizer) in ``model_path``, ``model_bytes``
+    big; for full fine-tuning that folder is the artifact itself (format transformers).
+    """
 
     format: str
     path: str | None
     bytes: int
     note: str | None = None  # why there is no file, or why it is not in the usual form
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("note",)
+    model_path: str | None = None  # a folder AutoModel*.from_pretrained loads; None: no whole model was saved
+    model_bytes: int | None = None
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("note", "model_path", "model_bytes")
 
 
 @dataclass
@@ -137,7 +144,8 @@ class DataInfo(_Record):
     # classification: always answering the eval set's most frequent class, the floor a classifier must beat
     eval_majority_label: str | None = None
     eval_majority_accuracy: float | None = None
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("eval_majority_label", "eval_majority_accuracy")
+    template: str | None = None  # instruction: the prompt template the run used (what `peftlab generate` reuses)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("eval_majority_label", "eval_majority_accuracy", "template")
 
 
 @dataclass

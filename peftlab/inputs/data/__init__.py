@@ -32,12 +32,12 @@ from peftlab.inputs.data.formats import (
 )
 from peftlab.inputs.data.sources import FILE_TYPES, TASK_FIELDS, check_utf8, load_rows, select_fields
 from peftlab.inputs.data.split import contiguous_split, eval_count, split_indices
-from peftlab.inputs.data.tasks import EvalPrompt, TaskData, label_mapping, load_task_data
+from peftlab.inputs.data.tasks import EvalPrompt, TaskData, label_mapping, load_task_data, prompt_for
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FILE_TYPES", "IGNORE_INDEX", "MEGABATCH_FACTOR", "TASK_FIELDS",
     "EvalPrompt", "TaskData", "batch_indices", "batches", "causal_chunks", "check_utf8", "collate", "contiguous_split",
     "encode_prompt", "encode_response", "end_of_text_id", "eval_count", "format_prompt", "instruction_example",
-    "label_mapping", "load_rows", "load_task_data", "num_batches", "select_fields", "split_by_tokens",
+    "label_mapping", "load_rows", "load_task_data", "num_batches", "prompt_for", "select_fields", "split_by_tokens",
     "split_indices",
 ]

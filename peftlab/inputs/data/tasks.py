@@ -28,6 +28,7 @@ from peftlab.inputs.data.conversations import (
 from peftlab.inputs.data.formats import (
     PROMPTS,
     causal_chunks,
+    encode_prompt,
     end_of_text_id,
     instruction_example,
     special_affixes,
@@ -55,6 +56,7 @@ class TaskData:
     num_labels: int | None
     label_names: list[str] | None
     eval_prompts: list[EvalPrompt]  # instruction: one per eval example, same template as training
+    template: str | None = None  # instruction: the template data.template resolved to (alpaca | chat | none)
     dropped: int = 0  # records left out: a missing value, or no response token fits in max_length
     # Data that trains, but maybe not as meant (a label only in eval, a class with no example, empty
     # prompts): one line each, with counts, for the run to log and put in summary.json.
@@ -108,7 +110,19 @@ def _instruction(rows: list[dict], cfg: DataConfig, tokenizer: Any) -> TaskData:
     evals, dropped_eval = _encode(template, [items[i] for i in eval_idx], cfg, tokenizer)
     return TaskData(train=[example for example, _ in train], eval=[example for example, _ in evals],
                     num_labels=None, label_names=None, eval_prompts=[prompt for _, prompt in evals],
-                    dropped=dropped + dropped_train + dropped_eval, warnings=_empty_text_warnings(items))
+                    dropped=dropped + dropped_train + dropped_eval, warnings=_empty_text_warnings(items),
+                    template=template)
+
+
+def prompt_for(record: dict, template: str, tokenizer: Any) -> EvalPrompt:
+    """A new instruction record's prompt (instruction, optional input) as a run with ``template`` encodes its
+    eval prompts: what ``peftlab generate`` feeds a finished run. No reference answer."""
+    if template == "chat":
+        user_turn = as_conversation({**record, "output": ""}, 1).as_messages()[:1]
+        text = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
+        return EvalPrompt(text, "", tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = PROMPTS[template](record)
+    return EvalPrompt(text, "", encode_prompt(tokenizer, text))
 
 
 def _empty_text_warnings(items: list[Item]) -> list[str]:
