@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="processes (GPUs) for this one run: launches torchrun --nproc_per_node N (data parallel)")
+    # a sweep's multi-process trial passes its base model's eval loss, for the collapse check (study/executors.py)
+    run.add_argument("--reference-eval-loss", type=float, default=None, help=argparse.SUPPRESS)
     run.set_defaults(handler=_run)
 
     inspect = commands.add_parser("inspect", help="print the placement map of a method on a model")
@@ -79,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.nproc != 1:
         return _launch_torchrun(args, config, out)
-    summary = run_experiment(config, out, resume=args.resume)
+    summary = run_experiment(config, out, resume=args.resume, reference_eval_loss=args.reference_eval_loss)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0 if summary.status == "completed" else 1
     print(format_summary_table(summary))
@@ -100,10 +102,13 @@ def _launch_torchrun(args: argparse.Namespace, config: RunConfig, out: Path) -> 
     if check_out_dir(config, out, args.resume) is not None:
         print(f"{out} holds a finished run; nothing to do", file=sys.stderr)
         return 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "peftlab", "run", args.config, "--out", str(out)]
-    command += [item for text in args.overrides for item in ("--set", text)]
-    command += ["--resume"] if args.resume else []
+    from peftlab.run.distributed import torchrun_command
+
+    run_args = [args.config, "--out", str(out), *[item for text in args.overrides for item in ("--set", text)]]
+    run_args += ["--resume"] if args.resume else []
+    if args.reference_eval_loss is not None:
+        run_args += ["--reference-eval-loss", repr(args.reference_eval_loss)]
+    command = torchrun_command(args.nproc, run_args)
     process = subprocess.Popen(command)
     while True:
         try:
@@ -187,6 +192,9 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local instance)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue an interrupted sweep: finished runs are kept, unfinished ones resumed")
+    sweep.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="processes (GPUs) per training run: each runs data parallel under torchrun; with "
+                            "--executor ray each trial asks Ray for N GPUs (N CPUs where the cluster has none)")
     sweep.set_defaults(handler=sweep_command)
 
     report = subparsers.add_parser("report", help="rebuild a sweep's tables, figures and report from its run dirs")
@@ -202,7 +210,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     spec = load_sweep(args.sweep_file, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    summaries = run_sweep(spec, out, executor=args.executor, address=args.ray_address, resume=args.resume)
+    summaries = run_sweep(spec, out, executor=args.executor, address=args.ray_address, resume=args.resume,
+                          nproc=args.nproc)
     paths = make_report(out)
     counts = Counter(summary.status for summary in summaries)
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

@@ -551,6 +551,10 @@ CASES = [
     # a folder another process is using
     Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
     Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+    # processes per trial (study/multiprocess.py) and train.fsdp
+    Case("sweep-nproc-zero", lambda env: _sweep_with({"a": {}})(env) + ["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    Case("fsdp-with-qlora", _set("method.quantize_base=nf4", "train.fsdp=true"),
+         "method.quantize_base='nf4' with train.fsdp=True: sharding a bitsandbytes-quantized base is not supported"),
     # best checkpoint and early stopping (run/best.py): both watch the periodic evaluations
     Case("keep-best-without-eval-every", _set("train.keep_best=eval_loss"),
          "train.keep_best needs train.eval_every"),

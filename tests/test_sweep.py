@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -649,3 +650,64 @@ def test_the_committed_studies_keep_their_base_model_folders(study):
     trials = expand_all(load_sweep(os.path.join(root, "examples", f"{study}.yaml")), out)
     references = [t for t in trials if t.is_reference]
     assert references and all(t.out_dir.is_dir() for t in references), [str(t.out_dir) for t in references]
+
+
+def _same_within(first, second, keys=("eval_loss", "train_loss", "perplexity"), tolerance=1e-4):
+    """Two results tables alike: the same runs and counts, losses equal to float tolerance."""
+    assert [{k: v for k, v in row.items() if k not in keys} for row in first] == \
+        [{k: v for k, v in row.items() if k not in keys} for row in second]
+    for one, two in zip(first, second, strict=True):
+        for key in keys:
+            assert abs(float(one[key]) - float(two[key])) <= tolerance * max(1.0, abs(float(one[key])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_sweep_with_two_processes_per_run_gives_the_one_process_results(tmp_path, tiny_llama_dir, executor):
+    """--nproc 2: every training run is a torchrun job of 2 (gloo) processes; with Ray each trial asks for
+    2 CPUs. The results are the one-process sweep's, and each run's summary says it ran on 2 processes."""
+    if executor == "ray":
+        pytest.importorskip("ray")
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
+    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "one")]) == 0
+    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "two"), "--nproc", "2", "--executor", executor]) == 0
+    _same_within(_metric_columns(tmp_path / "one"), _metric_columns(tmp_path / "two"))
+    for summary_path in (tmp_path / "two" / "runs").glob("*/summary.json"):
+        summary = read_summary(summary_path)
+        if summary.method != "none":  # the base-model evaluation runs in one process
+            assert summary.environment["world_size"] == 2 and summary.sweep is not None
+
+
+class _FakeRay:
+    """ray.nodes() and ray.remote() as a cluster of the given nodes reports them."""
+
+    def __init__(self, *nodes):
+        self._nodes, self.asked = [{"Alive": True, "Resources": node} for node in nodes], None
+
+    def nodes(self):
+        return self._nodes
+
+    def remote(self, **resources):
+        self.asked = resources
+        return lambda function: function
+
+
+@pytest.mark.parametrize("nodes, nproc, asked", [
+    (({"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 2}), 4, {"num_cpus": 1, "num_gpus": 4, "max_retries": 0}),
+    (({"CPU": 8, "GPU": 1},), 1, {"num_cpus": 1, "num_gpus": 1, "max_retries": 0}),
+    (({"CPU": 4},), 2, {"num_cpus": 2, "num_gpus": 0, "max_retries": 0}),
+])
+def test_a_ray_trial_asks_for_its_processes_gpus(nodes, nproc, asked):
+    ray = _FakeRay(*nodes)
+    executors._ray_task(ray, nproc)
+    assert ray.asked == asked
+
+
+@pytest.mark.parametrize("nodes, nproc, message", [
+    (({"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}), 8, "each trial needs 8 GPUs on one node, and no node of the Ray "
+                                                      "cluster has more than 4"),
+    (({"CPU": 2},), 4, "each trial needs 4 CPUs on one node (the cluster has no GPUs)"),
+])
+def test_a_ray_trial_no_node_can_hold_is_refused(nodes, nproc, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        executors._ray_task(_FakeRay(*nodes), nproc)

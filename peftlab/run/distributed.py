@@ -23,6 +23,7 @@ every function here is a no-op.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -92,6 +93,13 @@ def join_world(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return world, device
+
+
+def torchrun_command(nproc: int, run_args: list[str]) -> list[str]:
+    """``peftlab run RUN_ARGS`` as a one-node torchrun job of ``nproc`` processes (a free port of its own,
+    so several such jobs can share a machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "peftlab", "run", *run_args]
 
 
 def leave_world() -> None:

@@ -22,7 +22,6 @@ writes the folder, the others train their share of each batch and write nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import math
 import time
@@ -35,7 +34,7 @@ import yaml
 from peftlab import messages
 from peftlab.config import CAUSAL_TASKS, RunConfig, config_to_dict
 from peftlab.core.methods import Prepared, prepare
-from peftlab.core.modelmap import ModelMap, build_model_map
+from peftlab.core.modelmap import build_model_map
 from peftlab.core.placement_map import format_placement_map
 from peftlab.diskio import write_atomic, writing
 from peftlab.inputs.data import TaskData, load_task_data
@@ -55,7 +54,7 @@ from peftlab.run.precision import (
     resolve_base_dtype,
 )
 from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device, seed_everything, with_resolved_split
-from peftlab.run.sharding import gather_parameters, shard_blocks
+from peftlab.run.sharding import gather_parameters, shard_if_asked
 from peftlab.run.summarize import reference_summary, run_environment, run_summary
 from peftlab.run.summary import SUMMARY_FILE, Artifact, Collapse, RunSummary, write_summary
 from peftlab.run.tracking import MetricsLog
@@ -131,7 +130,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
         model.to(device)
     # forgetting's "before": the untrained model computes the base model's function (run/forgetting.py says why here)
     before = reference_loss(model, reference, config, tokenizer.pad_token_id, device, world) if reference else None
-    world = _shard_if_asked(config, model, model_map, world, device, log)
+    world = shard_if_asked(config.train.fsdp, model, model_map, world, device, log.message)
     gc.collect()  # a sweep's previous run may still hold memory; this run's peak starts clean
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
@@ -169,20 +168,6 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary.status}: " + _metrics_line(summary))
     return summary
-
-
-def _shard_if_asked(config: RunConfig, model: torch.nn.Module, model_map: ModelMap, world: World,
-                    device: torch.device, log: MetricsLog) -> World:
-    """Shard the blocks over the ranks under train.fsdp (run/sharding.py); the world, marked sharded."""
-    if not config.train.fsdp:
-        return world
-    if not world.parallel:
-        log.message("train.fsdp: one process, nothing to shard; every block stays whole on this device")
-        return world
-    blocks = shard_blocks(model, [model_map.block_name(i) for i in range(model_map.n_layers)], world, device)
-    log.message(f"fsdp: {blocks} transformer blocks sharded over {world.size} processes; embeddings and head "
-                "whole on each")
-    return dataclasses.replace(world, sharded=True)
 
 
 def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prepared, outcome: TrainOutcome,

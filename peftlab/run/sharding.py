@@ -24,11 +24,15 @@ backward. Four consequences shape this module and its callers:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Sequence
+
 import torch
 from torch import nn
 
+from peftlab.core.modelmap import ModelMap
 from peftlab.errors import UserError
-from peftlab.run.distributed import World
+from peftlab.run.distributed import World, max_across
 
 FILLER = "_filler"  # key of an evaluation batch that a rank runs only to keep in step with the others
 
@@ -60,6 +64,19 @@ def shard_blocks(model: nn.Module, block_names: list[str], world: World, device:
         block.set_gradient_divide_factor(1.0)
         block.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return len(block_names)
+
+
+def shard_if_asked(fsdp: bool, model: nn.Module, model_map: ModelMap, world: World, device: torch.device,
+                   say: Callable[[str], None]) -> World:
+    """Shard the blocks over the ranks under train.fsdp; the world, marked sharded (lockstep from here on)."""
+    if not fsdp:
+        return world
+    if not world.parallel:
+        say("train.fsdp: one process, nothing to shard; every block stays whole on this device")
+        return world
+    blocks = shard_blocks(model, [model_map.block_name(i) for i in range(model_map.n_layers)], world, device)
+    say(f"fsdp: {blocks} transformer blocks sharded over {world.size} processes; embeddings and head whole on each")
+    return dataclasses.replace(world, sharded=True)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -117,6 +134,17 @@ def clip_sharded_gradients(parameters: list[nn.Parameter], max_norm: float, devi
     for gradient in shards + wholes:
         gradient.mul_(coefficient.to(gradient.dtype))
     return norm
+
+
+def fillers(own: int, batches: Sequence[dict[str, torch.Tensor]], world: World,
+            device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The zero-weight pieces a sharded rank runs so that it runs as many pieces as the busiest rank
+    (``own``: its own count). A collective: every rank calls it before running any piece of the step."""
+    if not world.sharded:
+        return []
+    busiest = max_across(float(own), world, device)
+    piece = {key: value.to(device) for key, value in filler(batches[0]).items()}
+    return [piece] * (int(busiest) - own)
 
 
 def filler(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,8 @@
 """The one training loop, for every method: methods differ only in their prepare step.
 
+Long because the step is one concept from batch to update: pieces, token-weighted accumulation,
+the ranks' sums (and a sharded run's lockstep), clipping and the divergence checks must be read together.
+
 The optimizer and schedule of run/optimizer.py, gradient accumulation with exact token weighting,
 clipping, checkpoints and exact resume, and divergence detection: a non-finite
 loss or gradient stops the run and names the step and the parameters, and so does
@@ -28,13 +31,14 @@ from peftlab.config import TrainConfig
 from peftlab.inputs.data import batches, split_by_tokens
 from peftlab.run.best import BestTracker, EarlyStop, EvalPoint
 from peftlab.run.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
-from peftlab.run.distributed import SINGLE, World, any_across, max_across, shard, sum_across, sum_gradients
+from peftlab.run.distributed import SINGLE, World, any_across, shard, sum_across, sum_gradients
 from peftlab.run.evaluate import EvalResult, evaluate
 from peftlab.run.losses import LossFn, label_units, loss_sum
 from peftlab.run.optimizer import build_optimizer, build_scheduler, total_steps_for, trainable_named_parameters
 from peftlab.run.precision import autocast_for
 from peftlab.run.resources import load_average, max_batch_tokens_for, resolved_split
 from peftlab.run.sharding import FILLER, clip_sharded_gradients, filler, is_sharded
+from peftlab.run.sharding import fillers as sharded_fillers
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.tracking import MetricsLog
 
@@ -320,7 +324,7 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Ten
               for share in shares for piece in options.split(share, max_batch_tokens_for(cfg.max_batch_tokens, device))]
     (units,) = sum_across([sum(label_units(piece, task) for piece in pieces)], world, device)
     units = int(units)
-    fillers = _fillers(len(pieces), batches, world, device)  # decided before any piece: its gathers are collective
+    fillers = sharded_fillers(len(pieces), batches, world, device)  # before any piece: FSDP's gathers are collective
     total_loss = 0.0
     for piece in pieces:
         with autocast_for(device, cfg):
@@ -335,16 +339,6 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     padded = sum(piece["input_ids"].numel() for piece in pieces)
     total_loss, tokens, padded = sum_across([total_loss, tokens, padded], world, device)
     return StepResult(loss=total_loss / units, units=units, tokens=int(tokens), padded_tokens=int(padded))
-
-
-def _fillers(own: int, batches: Sequence[dict[str, torch.Tensor]], world: World,
-             device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """The zero-weight pieces a sharded rank runs so that every rank runs as many pieces as the busiest one."""
-    if not world.sharded:
-        return []
-    busiest = max_across(float(own), world, device)
-    piece = {key: value.to(device) for key, value in filler(batches[0]).items()}
-    return [piece] * (int(busiest) - own)
 
 
 def _non_finite_grads(parameters: list[tuple[str, nn.Parameter]]) -> list[str]:

@@ -6,7 +6,8 @@ collapsed run keeps the runner's summary, and the sweep goes on. The untrained b
 first (the reference trials), so each run can be checked for collapse against it. A UserError is the user's to fix
 and stops the sweep (finished trials stay; ``--resume`` continues).
 
-Ray: each trial is a task with one GPU when the cluster has GPUs, else one CPU. Workers write into
+Ray: each trial is a task with one GPU when the cluster has GPUs, else one CPU (``nproc`` of them with
+``--nproc``: the trial then runs as a torchrun job, study/multiprocess.py). Workers write into
 the same sweep folder, so the driver and every worker must see one filesystem (one machine, or a
 shared mount at the same path); the report is then built from that folder as for a local sweep.
 """
@@ -28,6 +29,7 @@ from peftlab.locking import folder_lock
 from peftlab.run.folder import TRIAL_FILE
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary, write_summary
+from peftlab.study.multiprocess import run_in_processes
 from peftlab.study.resume import plan
 from peftlab.study.sweep import SweepSpec, Trial, expand, write_json_atomic, write_sweep_file
 
@@ -77,8 +79,10 @@ def reference_eval_loss(trial: Trial) -> float | None:
     return float(loss) if isinstance(loss, (int, float)) else None
 
 
-def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> RunSummary:
-    """Run one trial into its folder and return its summary; failures are recorded, not raised."""
+def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None, nproc: int = 1) -> RunSummary:
+    """Run one trial into its folder and return its summary; failures are recorded, not raised.
+
+    ``nproc`` > 1: a training trial runs as a torchrun job of that many processes (study/multiprocess.py)."""
     write_json_atomic(trial.out_dir / TRIAL_FILE, trial.info())
     extra: dict[str, Any] = {"model_cache": model_cache} if model_cache is not None else {}
     started = time.time()
@@ -88,7 +92,8 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None) -> Ru
         else:
             extra["reference_eval_loss"] = reference_eval_loss(trial)
             # resume=True is safe for a fresh folder too: resume.plan left it empty or with a checkpoint of this config
-            summary = _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra)
+            summary = (run_in_processes(trial, nproc, extra["reference_eval_loss"]) if nproc > 1
+                       else _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra))
     except UserError as error:
         raise UserError(f"run {trial.run_id}: {error}") from None
     except Exception as error:  # noqa: BLE001 - any bug or OOM in one trial must not end the sweep
@@ -154,7 +159,8 @@ def time_left(seconds_per_run: list[float], runs_left: int) -> str:
     return f"about {hours} h {minutes:02d} min left" if hours else f"about {minutes} min left"
 
 
-def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
+def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Progress = _say,
+              nproc: int = 1) -> list[RunSummary]:
     """Trials one after another in this process, sharing one base-model cache.
 
     Each finished training run's line ends with an estimate of the time left: the mean wall time of the
@@ -170,7 +176,7 @@ def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Pr
                 raise KeyboardInterrupt
             progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
             started = time.monotonic()
-            summary = run_trial(trial, echo=echo, model_cache=cache)
+            summary = run_trial(trial, echo=echo, model_cache=cache, nproc=nproc)
             if not trial.is_reference:
                 seconds_per_run.append(time.monotonic() - started)
                 training_left -= 1
@@ -192,17 +198,18 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_trial(trial: Trial, echo: bool) -> RunSummary | UserError:
+def _ray_trial(trial: Trial, echo: bool, nproc: int = 1) -> RunSummary | UserError:
     """The Ray task body: a UserError comes back as a value, so the driver can print it as one line."""
     try:
-        return run_trial(trial, echo=echo, model_cache=process_model_cache())
+        return run_trial(trial, echo=echo, model_cache=process_model_cache() if nproc == 1 else None, nproc=nproc)
     except UserError as error:
         return UserError(str(error))
 
 
 def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo: bool = True,
-            progress: Progress = _say) -> list[RunSummary]:
-    """Trials as Ray tasks on a local instance (2 CPUs) or the cluster at ``address``."""
+            progress: Progress = _say, nproc: int = 1) -> list[RunSummary]:
+    """Trials as Ray tasks on a local instance (2 CPUs) or the cluster at ``address``; each training trial
+    takes ``nproc`` GPUs (CPUs on a cluster without GPUs), and Ray runs as many side by side as fit."""
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -212,9 +219,9 @@ def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=echo)
     pending: list[Any] = []
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_ray_trial)
-        refs = {task.remote(trial, echo): trial for trial, _ in todo}
+        task = _ray_task(ray, nproc)
+        refs = {(task if not trial.is_reference else _ray_task(ray, 1)).remote(trial, echo, nproc): trial
+                for trial, _ in todo}
         pending = list(refs)
         results: dict[str, RunSummary] = {}
         while pending:
@@ -236,19 +243,39 @@ def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo:
             ray.shutdown()
 
 
+def _ray_task(ray: Any, nproc: int) -> Any:
+    """The trial task with its resources: ``nproc`` GPUs on one node, or ``nproc`` CPUs where there are no GPUs.
+
+    Ray would wait forever for a trial no node can hold, so that is refused here."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive", True)]
+    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+    if most_gpus >= 1:
+        if most_gpus < nproc:
+            raise UserError(f"--nproc {nproc}: each trial needs {nproc} GPUs on one node, and no node of the Ray "
+                            f"cluster has more than {most_gpus:g}")
+        return ray.remote(num_cpus=1, num_gpus=nproc, max_retries=0)(_ray_trial)
+    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    if most_cpus < nproc:
+        raise UserError(f"--nproc {nproc}: each trial needs {nproc} CPUs on one node (the cluster has no GPUs), and "
+                        f"no node of the Ray cluster has more than {most_cpus:g}")
+    return ray.remote(num_cpus=nproc, num_gpus=0, max_retries=0)(_ray_trial)
+
+
 def execute(todo: list[tuple[Trial, bool]], executor: str = "local", *, address: str | None = None,
-            echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
+            echo: bool = True, progress: Progress = _say, nproc: int = 1) -> list[RunSummary]:
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
     if executor == "local":
         if address:
             raise UserError("--ray-address needs --executor ray")
-        return run_local(todo, echo=echo, progress=progress)
+        return run_local(todo, echo=echo, progress=progress, nproc=nproc)
     if executor == "ray":
-        return run_ray(todo, address=address, echo=echo, progress=progress)
+        return run_ray(todo, address=address, echo=echo, progress=progress, nproc=nproc)
     raise UserError(f"--executor {executor!r}: use local or ray")
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", address: str | None = None,
-              resume: bool = False, echo: bool = True, progress: Progress = _say) -> list[RunSummary]:
+              resume: bool = False, echo: bool = True, progress: Progress = _say, nproc: int = 1) -> list[RunSummary]:
     """Expand, check the folder (resume rules in resume.plan), run what is left; return every run's summary.
 
     The base-model reference trials run first and are not among the returned summaries.
@@ -259,11 +286,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", addr
     out = Path(out)
     trials = expand(spec, out)
     with folder_lock(out, "sweep"):  # one sweep per folder: two would train the same runs into the same folders
-        return _run_sweep_locked(spec, out, trials, executor, address, resume, echo, progress)
+        return _run_sweep_locked(spec, out, trials, executor, address, resume, echo, progress, nproc)
 
 
 def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor: str, address: str | None,
-                      resume: bool, echo: bool, progress: Progress) -> list[RunSummary]:
+                      resume: bool, echo: bool, progress: Progress, nproc: int = 1) -> list[RunSummary]:
     todo = plan(trials, out, resume=resume)
     write_sweep_file(spec, trials, out)
     runs = [t for t in trials if not t.is_reference]
@@ -277,7 +304,8 @@ def _run_sweep_locked(spec: SweepSpec, out: Path, trials: list[Trial], executor:
     for batch in ([item for item in todo if item[0].is_reference], [item for item in todo if not item[0].is_reference]):
         if batch:
             fresh.update({t.run_id: s for (t, _), s in zip(batch, execute(batch, executor, address=address,
-                                                                           echo=echo, progress=progress), strict=True)})
+                                                                           echo=echo, progress=progress,
+                                                                           nproc=nproc), strict=True)})
     return [fresh.get(t.alias_of or t.run_id) or _read_summary(t) for t in runs]
 
 
