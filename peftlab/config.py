@@ -33,6 +33,9 @@ SCHEDULERS = ("cosine", "linear", "constant")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 PRECISIONS = ("auto", "fp32", "bf16")
 QUANTIZATIONS = ("nf4", "int8")  # method.quantize_base, besides null
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (peftlab.run.trackers)
+# Keys that say where a run is reported, not what it computes: a --resume may change them.
+REPORTING_KEYS = (("train", "report_to"),)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -246,9 +249,17 @@ class TrainConfig:
     train_eval_size: int = 0  # also evaluate the final model on this many training examples (train accuracy)
     num_samples: int = 3  # instruction runs: generated samples to record
     max_new_tokens: int = 48
+    # Experiment trackers to report to besides metrics.jsonl (README "Experiment trackers"); each is an
+    # optional dependency: pip install 'peftlab[tensorboard]' / [wandb] / [mlflow].
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
 
     def __post_init__(self) -> None:
         _require_finite(self, "train.")
+        for name in self.report_to:
+            _require(name in TRACKERS, f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}"
+                                       f"{did_you_mean(name, TRACKERS)}")
+        _require(len(set(self.report_to)) == len(self.report_to),
+                 f"train.report_to names a tracker twice: {self.report_to}; name each once")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
         _require(self.epochs > 0, "train.epochs must be > 0")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -447,6 +458,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def result_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without REPORTING_KEYS: what two runs must share to be the same run (--resume)."""
+    kept = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
+    for section, key in REPORTING_KEYS:
+        if isinstance(kept.get(section), dict):
+            kept[section].pop(key, None)
+    return kept
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

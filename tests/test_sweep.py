@@ -637,3 +637,39 @@ def test_each_finished_training_run_says_about_how_long_the_sweep_has_left(tmp_p
     assert [m.rsplit("; ", 1)[-1] for m in finished[1:4]] == [
         "about 15 min left", "about 10 min left", "about 5 min left"]
     assert "left" not in finished[4]  # the last run: nothing left to estimate
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so tqdm draws its bar (it stays off where stderr is a file)."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_over_the_runs_below_the_unchanged_run_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "_run_experiment", lambda: FakeRunner())
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    spec = _spec(strategies={"a": {"method.ranks.r": 4}, "b": {"method.ranks.r": 16}}, seeds=[1])
+    executors.run_sweep(spec, tmp_path)  # the default progress: lines on stderr
+    shown = "".join(terminal.text)
+    assert "sweep: 100%" in shown and "| 2/2 [" in shown  # runs done / total, with tqdm's times
+    lines = [line for line in shown.replace("\r", "\n").splitlines() if line.startswith("peftlab sweep: [")]
+    assert any(line.startswith("peftlab sweep: [2/2] b__") and ": completed eval_loss=" in line for line in lines)
+
+
+def test_without_a_terminal_only_the_run_lines_are_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(executors, "_run_experiment", lambda: FakeRunner())
+    spec = _spec(strategies={"a": {"method.ranks.r": 4}}, seeds=[1])
+    executors.run_sweep(spec, tmp_path)
+    err = capsys.readouterr().err
+    assert "%|" not in err and all(line.startswith("peftlab sweep: ") for line in err.splitlines())

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftlab.config import RunConfig, changed_keys, config_to_dict, from_dict, load_yaml
+from peftlab.config import RunConfig, changed_keys, config_to_dict, from_dict, load_yaml, result_keys
 from peftlab.errors import UserError
 from peftlab.locking import LOCK_FILE
 from peftlab.run.checkpoint import has_checkpoint
 from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary
+from peftlab.run.trackers import TRACKERS_FILE
 from peftlab.run.tracking import read_records
 
 TRIAL_FILE = "sweep_run.json"  # written by a sweep before the run: which strategy, grid values and seed
 FINISHED = ("completed", "collapsed")  # training ran to its end: --resume returns the summary
 # what a run (or a sweep, for its runs) writes before training: with no trained step, such a folder is reusable
-RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", LOCK_FILE, TRIAL_FILE})
+# (a run alone keeps its tracker files in its folder too: run/trackers.py)
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", LOCK_FILE, TRIAL_FILE, TRACKERS_FILE,
+                       "tensorboard", "mlruns", "wandb"})
 
 
 def check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> RunSummary | None:
@@ -44,8 +47,9 @@ def check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> RunSummary 
     saved_path = out_dir / "config.yaml"
     if saved_path.exists():
         saved = from_dict(RunConfig, load_yaml(saved_path))
-        if config_to_dict(saved) != config_to_dict(config):
-            changed = changed_keys(config_to_dict(saved), config_to_dict(config))
+        old, new = result_keys(config_to_dict(saved)), result_keys(config_to_dict(config))
+        if old != new:  # where it is reported (train.report_to) may change
+            changed = changed_keys(old, new)
             raise UserError(f"--resume with a different config than the run in {out_dir} "
                             f"(changed: {', '.join(changed)})")
     summary = read_summary(out_dir / SUMMARY_FILE)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from peftlab.config import RunConfig, changed_keys, config_to_dict, from_dict, load_yaml
+from peftlab.config import RunConfig, changed_keys, config_to_dict, from_dict, load_yaml, result_keys
 from peftlab.diskio import write_atomic
 from peftlab.errors import UserError
 from peftlab.run.checkpoint import has_checkpoint
@@ -83,7 +83,7 @@ def _saved_config(trial: Trial) -> dict[str, Any] | None:
 
 def _config_differs(trial: Trial) -> bool:
     old = _saved_config(trial)
-    return old is not None and old != config_to_dict(trial.config)
+    return old is not None and result_keys(old) != result_keys(config_to_dict(trial.config))
 
 
 def _check_same_config(trial: Trial, *, resumes: bool) -> None:
@@ -92,8 +92,8 @@ def _check_same_config(trial: Trial, *, resumes: bool) -> None:
     old, new = _saved_config(trial), config_to_dict(trial.config)
     if old is None:
         return
-    if old != new:
-        changed = changed_keys(old, new)
+    if result_keys(old) != result_keys(new):  # where it is reported (train.report_to) may change
+        changed = changed_keys(result_keys(old), result_keys(new))
         if _moved_only(old, new, changed):  # the same sweep read from another checkout
             if resumes:
                 write_atomic(trial.out_dir / "config.yaml", yaml.safe_dump(new, sort_keys=False))
