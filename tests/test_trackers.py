@@ -378,3 +378,17 @@ def test_only_finite_numbers_reach_the_trackers():
 
     Trackers([Recorder()]).log({"step": 4, "train_loss": 1.5, "grad_norm": math.inf, "note": "x", "flag": True})
     assert seen == [(4, {"train_loss": 1.5})]
+
+
+def test_a_resume_whose_mlflow_store_lacks_the_saved_run_starts_a_new_one(tmp_path, monkeypatch):
+    """E.g. MLFLOW_TRACKING_URI changed between the attempts: the saved id is not there to continue."""
+    pytest.importorskip("mlflow")
+    from peftlab.config import RunConfig
+    from peftlab.run.trackers import MlflowTracker, Scope
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker(RunConfig(), Scope("run", tmp_path, tmp_path), "0" * 32, True)
+    tracker.log({"train_loss": 2.5}, 1)
+    tracker.finish("completed", {})
+    run = _mlflow_client(tmp_path / "mlruns").get_run(tracker.run_id)
+    assert tracker.run_id != "0" * 32 and run.data.metrics == {"train_loss": 2.5} and run.info.status == "FINISHED"

@@ -77,10 +77,13 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     """
     out_dir, started = Path(out_dir), time.time()
     world, device = join_world(resolve_device(config.train.device))
+
+    def check_first() -> RunSummary | None:
+        require_installed(config.train.report_to)  # a missing tracker client stops the run before it writes
+        return check_out_dir(config, out_dir, resume)
+
     try:
-        # before the lock: a finished run on read-only media; a missing tracker client before anything is written
-        previous = decided_by_main(world, lambda: (require_installed(config.train.report_to),
-                                                   check_out_dir(config, out_dir, resume))[1])
+        previous = decided_by_main(world, check_first)  # before the lock: a finished run on read-only media
         if previous is not None:
             return previous
         with _main_lock(world, out_dir):  # one process per run folder, held to the end

@@ -272,9 +272,7 @@ class MlflowTracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.last_step = 0
-        if continuing and saved_id:
-            self.run_id = saved_id
-            self.client.update_run(saved_id, status="RUNNING")
+        if continuing and saved_id and self._reopen(saved_id):
             return
         experiment = _mlflow_experiment(self.client, scope.group or os.environ.get("MLFLOW_EXPERIMENT_NAME")
                                         or WANDB_PROJECT)
@@ -285,6 +283,17 @@ class MlflowTracker:
 
     def ids(self) -> dict[str, str]:
         return {"mlflow": self.run_id}
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue run ``run_id``; False where this store does not hold it (another MLFLOW_TRACKING_URI)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        return True
 
     def rewind(self, step: int) -> None:
         """MLflow keeps every point: the steps after the checkpoint get a second, equal point (resume is exact)."""
