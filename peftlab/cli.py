@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="processes (GPUs) for this one run: launches torchrun --nproc_per_node N (data parallel)")
     # a sweep's multi-process trial passes its base model's eval loss, for the collapse check (study/executors.py)
     run.add_argument("--reference-eval-loss", type=float, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--tracker-scope", default=None, help=argparse.SUPPRESS)  # its trackers' grouping, as JSON
     run.set_defaults(handler=_run)
 
     inspect = commands.add_parser("inspect", help="print the placement map of a method on a model")
@@ -76,12 +77,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from peftlab.run.experiment import run_experiment  # imported here so `peftlab --help` stays fast
+    from peftlab.run.trackers import Scope
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.nproc != 1:
         return _launch_torchrun(args, config, out)
-    summary = run_experiment(config, out, resume=args.resume, reference_eval_loss=args.reference_eval_loss)
+    scope = Scope.from_json(args.tracker_scope) if args.tracker_scope else None
+    summary = run_experiment(config, out, resume=args.resume, reference_eval_loss=args.reference_eval_loss,
+                             scope=scope)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0 if summary.status == "completed" else 1
     print(format_summary_table(summary))
@@ -108,6 +112,8 @@ def _launch_torchrun(args: argparse.Namespace, config: RunConfig, out: Path) -> 
     run_args += ["--resume"] if args.resume else []
     if args.reference_eval_loss is not None:
         run_args += ["--reference-eval-loss", repr(args.reference_eval_loss)]
+    if args.tracker_scope is not None:
+        run_args += ["--tracker-scope", args.tracker_scope]
     command = torchrun_command(args.nproc, run_args)
     process = subprocess.Popen(command)
     while True:

@@ -34,6 +34,7 @@ BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 PRECISIONS = ("auto", "fp32", "bf16")
 QUANTIZATIONS = ("nf4", "int8")  # method.quantize_base, besides null
 GENERATION_METRICS = ("exact_match", "rougeL", "contains")  # eval.generate.metrics (peftlab.run.generation)
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (peftlab.run.trackers)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -284,9 +285,17 @@ class TrainConfig:
     train_eval_size: int = 0  # also evaluate the final model on this many training examples (train accuracy)
     num_samples: int = 3  # instruction runs: generated samples to record
     max_new_tokens: int = 48
+    # Experiment trackers to report to besides metrics.jsonl (README "Experiment trackers"); each is an
+    # optional dependency: pip install 'peftlab[tensorboard]' / [wandb] / [mlflow].
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
 
     def __post_init__(self) -> None:
         _require_finite(self, "train.")
+        for name in self.report_to:
+            _require(name in TRACKERS, f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}"
+                                       f"{did_you_mean(name, TRACKERS)}")
+        _require(len(set(self.report_to)) == len(self.report_to),
+                 f"train.report_to names a tracker twice: {self.report_to}; name each once")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
         _require(self.epochs > 0, "train.epochs must be > 0")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -567,13 +576,24 @@ def data_identity(data: DataConfig) -> dict[str, Any]:
             if key not in DATA_KEYS_ADDED_LATER or value != DATA_KEYS_ADDED_LATER[key]}
 
 
-# Keys that change how a run executes but not what it computes: a run folder or a committed study made
-# with another value resumes as the same config (peftlab.run.folder, peftlab.study.resume). The split
+# Keys that change how a run executes, or where it is reported, but not what it computes: a run folder or a
+# committed study made with another value resumes as the same config (peftlab.run.folder,
+# peftlab.study.resume), and a sweep's run ids leave them out. train.report_to names trackers. The split
 # runs a batch's pieces in one optimizer step and weights their losses by tokens, so the update is the
 # batch's, up to float rounding and dropout draws, whatever the cap: the studies under docs/results,
 # made with max_batch_tokens null, still resume now that the default is auto. A key that changes the
 # update (batch_size, grad_accum, lr, ...) never belongs here.
-EXECUTION_ONLY_KEYS = frozenset({"train.max_batch_tokens"})
+EXECUTION_ONLY_KEYS = frozenset({"train.max_batch_tokens", "train.report_to"})
+
+
+def result_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A (possibly partial) config dict without the EXECUTION_ONLY_KEYS: what a sweep's run id hashes."""
+    kept = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
+    for dotted in EXECUTION_ONLY_KEYS:
+        section, _, key = dotted.partition(".")
+        if isinstance(kept.get(section), dict):
+            kept[section].pop(key, None)
+    return kept
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -227,6 +227,14 @@ def _set(*overrides: str) -> Callable[[Env], list[str]]:
     return build
 
 
+def _tracker_missing(backend: str) -> Callable[[Env], list[str]]:
+    """train.report_to names a tracker whose package is not installed (find_spec sees None in sys.modules)."""
+    def build(env: Env) -> list[str]:
+        env.disk.monkeypatch.setitem(sys.modules, backend, None)
+        return _set(f"train.report_to=[{backend}]")(env)
+    return build
+
+
 def _method(method: dict) -> Callable[[Env], list[str]]:
     """A run config whose method section is exactly ``method``."""
     def build(env: Env) -> list[str]:
@@ -631,6 +639,15 @@ CASES = [
          "does not fit the model the run's config.yaml rebuilds (shape saved vs rebuilt: "),
     Case("push-bad-repo-id", _on_finished("push", "--repo", "not a repo", "--dry-run"),
          "--repo 'not a repo' is not a Hub repository id"),
+    # experiment trackers (train.report_to)
+    Case("report-to-unknown", _set("train.report_to=[tensorbord]"),
+         "train.report_to: 'tensorbord' is not one of tensorboard, wandb, mlflow (did you mean 'tensorboard'?)"),
+    Case("report-to-not-a-list", _set("train.report_to=wandb"), "train.report_to must be a list, got 'wandb'"),
+    Case("report-to-twice", _set("train.report_to=[wandb, wandb]"), "train.report_to names a tracker twice"),
+    Case("report-to-wandb-missing", _tracker_missing("wandb"),
+         "train.report_to: wandb is not installed; pip install 'peftlab[wandb]'"),
+    Case("report-to-mlflow-missing", _tracker_missing("mlflow"),
+         "train.report_to: mlflow is not installed; pip install 'peftlab[mlflow]'"),
 ]
 
 

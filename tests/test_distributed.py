@@ -1,5 +1,6 @@
 """One run over several processes (torchrun, gloo on CPU): the same numbers as one process, and resume."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -86,6 +87,9 @@ def test_two_processes_train_exactly_as_one_at_the_same_global_batch(tmp_path, t
     config = _config(tmp_path, tiny_llama_dir, _alpaca(tmp_path / "alpaca.jsonl", n=40))
     settings = ["--set", "train.batch_size=5", "--set", "train.grad_accum=2", "--set", "train.max_steps=4",
                 "--set", "train.eval_every=2", "--set", "train.num_samples=1"]
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:  # rank 0 alone reports to the trackers
+        settings += ["--set", "train.report_to=[tensorboard]"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["run", str(config), "--out", str(one), *settings]) == 0
     done = subprocess.run(_peftlab(str(config), "--out", str(two), "--nproc", "2", *settings), cwd=REPO,
@@ -101,6 +105,8 @@ def test_two_processes_train_exactly_as_one_at_the_same_global_batch(tmp_path, t
     # rank 0 alone wrote: one log line per step, and the table printed once
     assert [step for step, _ in _records(two, "train_loss")] == [1, 2, 3, 4]
     assert done.stdout.count("trainable params") == 1
+    if tensorboard:  # one writer: another rank's would be a second events file
+        assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.fixture

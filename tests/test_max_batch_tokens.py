@@ -69,7 +69,7 @@ def test_execution_only_keys_are_not_a_changed_config_and_other_keys_still_are()
     old = config_to_dict(from_dict(RunConfig, {"train": {"max_batch_tokens": None}}))
     new = config_to_dict(RunConfig())
     assert old != new and changed_keys(old, new) == []
-    assert EXECUTION_ONLY_KEYS == {"train.max_batch_tokens"}
+    assert EXECUTION_ONLY_KEYS == {"train.max_batch_tokens", "train.report_to"}
     changed_lr = config_to_dict(from_dict(RunConfig, {"train": {"lr": 1e-3, "max_batch_tokens": 64}}))
     assert changed_keys(old, changed_lr) == ["train.lr"]
 

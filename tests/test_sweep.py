@@ -670,12 +670,15 @@ def test_a_sweep_with_two_processes_per_run_gives_the_one_process_results(tmp_pa
         pytest.importorskip("ray")
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir)
     assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "one")]) == 0
-    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "two"), "--nproc", "2", "--executor", executor]) == 0
+    assert _cli(["sweep", str(sweep), "--out", str(tmp_path / "two"), "--nproc", "2", "--executor", executor,
+                 "--set", "train.report_to=[tensorboard]"]) == 0
     _same_within(_metric_columns(tmp_path / "one"), _metric_columns(tmp_path / "two"))
     for summary_path in (tmp_path / "two" / "runs").glob("*/summary.json"):
         summary = read_summary(summary_path)
         if summary.method != "none":  # the base-model evaluation runs in one process
             assert summary.environment["world_size"] == 2 and summary.sweep is not None
+            # the run's trackers report grouped with the sweep's, as an in-process run's do
+            assert any((tmp_path / "two" / "tensorboard" / summary_path.parent.name).glob("events.out.*"))
 
 
 class _FakeRay:
@@ -711,3 +714,39 @@ def test_a_ray_trial_asks_for_its_processes_gpus(nodes, nproc, asked):
 def test_a_ray_trial_no_node_can_hold_is_refused(nodes, nproc, message):
     with pytest.raises(UserError, match=re.escape(message)):
         executors._ray_task(_FakeRay(*nodes), nproc)
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so tqdm draws its bar (it stays off where stderr is a file)."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_over_the_runs_below_the_unchanged_run_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "_run_experiment", lambda: FakeRunner())
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    spec = _spec(strategies={"a": {"method.ranks.r": 4}, "b": {"method.ranks.r": 16}}, seeds=[1])
+    executors.run_sweep(spec, tmp_path)  # the default progress: lines on stderr
+    shown = "".join(terminal.text)
+    assert "sweep: 100%" in shown and "| 2/2 [" in shown  # runs done / total, with tqdm's times
+    lines = [line for line in shown.replace("\r", "\n").splitlines() if line.startswith("peftlab sweep: [")]
+    assert any(line.startswith("peftlab sweep: [2/2] b__") and ": completed eval_loss=" in line for line in lines)
+
+
+def test_without_a_terminal_only_the_run_lines_are_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(executors, "_run_experiment", lambda: FakeRunner())
+    spec = _spec(strategies={"a": {"method.ranks.r": 4}}, seeds=[1])
+    executors.run_sweep(spec, tmp_path)
+    err = capsys.readouterr().err
+    assert "%|" not in err and all(line.startswith("peftlab sweep: ") for line in err.splitlines())

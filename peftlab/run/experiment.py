@@ -9,6 +9,8 @@ Output directory:
   model/           full and partial runs: the whole trained model + tokenizer (save_pretrained), for transformers
                    (none of these for a diverged or collapsed run: its weights are not worth keeping)
   train.log        messages, including the placement map
+  trackers.json    train.report_to: the tracker run ids, so a resume continues them (run/trackers.py); a run
+                   alone also keeps its tensorboard/, mlruns/ (no MLFLOW_TRACKING_URI) and wandb/ here
   checkpoint.safetensors  the latest checkpoint (removed once training has run to its end)
   .lock            flock'd while a process works in the folder (locking.py); holds that process's pid
 
@@ -57,6 +59,7 @@ from peftlab.run.resources import peak_memory, reset_peak_memory, resolve_device
 from peftlab.run.sharding import gather_parameters, shard_if_asked
 from peftlab.run.summarize import reference_summary, run_environment, run_summary
 from peftlab.run.summary import SUMMARY_FILE, Artifact, Collapse, RunSummary, write_summary
+from peftlab.run.trackers import Scope, open_trackers, require_installed, run_scope
 from peftlab.run.tracking import MetricsLog
 from peftlab.run.train import TrainOutcome, eval_divergence, evaluate_on, train
 
@@ -66,19 +69,24 @@ UNIFORM_SLACK = 1e-3  # nats: float32 sums of a uniform model's losses land a ha
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, echo: bool = True,
                    on_step: Any = None, model_cache: BaseModelCache | None = None,
-                   reference_eval_loss: float | None = None) -> RunSummary:
+                   reference_eval_loss: float | None = None, scope: Scope | None = None) -> RunSummary:
     """Run one experiment into ``out_dir`` and return its summary (also written to summary.json).
 
     ``model_cache`` (sweeps) hands out copies of a base model loaded once; results are the same
     as loading from disk, because everything random after loading is seeded here.
     ``reference_eval_loss``: the untrained base model's eval loss (``evaluate_reference``), so a
     run that ends far worse than where it started is reported as collapsed (see ``check_collapse``).
+    ``scope``: where ``train.report_to``'s trackers put this run (a sweep groups its runs); default: alone.
     """
     out_dir, started = Path(out_dir), time.time()
     world, device = join_world(resolve_device(config.train.device))
+
+    def check_first() -> RunSummary | None:
+        require_installed(config.train.report_to)  # a missing tracker client stops the run before it writes
+        return check_out_dir(config, out_dir, resume)
+
     try:
-        # before the lock: a finished run on read-only media
-        previous = decided_by_main(world, lambda: check_out_dir(config, out_dir, resume))
+        previous = decided_by_main(world, check_first)  # before the lock: a finished run on read-only media
         if previous is not None:
             return previous
         with _main_lock(world, out_dir):  # one process per run folder, held to the end
@@ -86,9 +94,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
             previous = decided_by_main(world, lambda: check_out_dir(config, out_dir, resume))
             if previous is not None:
                 return previous
-            with messages.routed(echo=echo and world.is_main) as route:  # loading's messages: this run's log
+            # loading's messages: this run's log; the trackers (rank 0's), once opened, are closed however the
+            # run ends: finished, diverged, interrupted or failed
+            with messages.routed(echo=echo and world.is_main) as route, contextlib.ExitStack() as closing:
                 return _run_locked(config, out_dir, resume, route, on_step, model_cache, reference_eval_loss,
-                                   started, world, device)
+                                   started, world, device, scope or run_scope(config, out_dir), closing)
     finally:
         if world.parallel:
             leave_world()
@@ -101,7 +111,8 @@ def _main_lock(world: World, out_dir: Path) -> contextlib.AbstractContextManager
 
 def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.Route, on_step: Any,
                 model_cache: BaseModelCache | None, reference_eval_loss: float | None,
-                started: float, world: World, device: torch.device) -> RunSummary:
+                started: float, world: World, device: torch.device, scope: Scope,
+                closing: contextlib.ExitStack) -> RunSummary:
     """run_experiment's work, under the folder lock; nothing is written until data, model and method are ready."""
     config = with_resolved_split(config, device)  # config.yaml and the summary record the split used
     tokenizer, data, loaded = load_inputs(config, model_cache, device)
@@ -114,7 +125,9 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # the run is known to start: only now is the folder written (an attempt that trained nothing is cleared)
-    log = (_start(config, out_dir, route, stale=() if holds_training(out_dir) else ("metrics.jsonl", "train.log"))
+    trained = holds_training(out_dir)
+    log = (_start(config, out_dir, route, stale=() if trained else ("metrics.jsonl", "train.log"), scope=scope,
+                  closing=closing, continuing=trained)
            if world.is_main else MetricsLog(None, echo=False))
     _log_data_warnings(data, log)
     if world.parallel:
@@ -167,6 +180,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     if outcome.status in FINISHED and has_checkpoint(out_dir):
         (out_dir / CHECKPOINT_FILE).unlink()
     log.message(f"{summary.status}: " + _metrics_line(summary))
+    log.trackers.finish(summary)
     return summary
 
 
@@ -234,15 +248,17 @@ def output_vocab_size(model: torch.nn.Module) -> int | None:
 
 
 def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = True,
-                       model_cache: BaseModelCache | None = None) -> RunSummary:
+                       model_cache: BaseModelCache | None = None, scope: Scope | None = None) -> RunSummary:
     """Evaluate the untrained base model on the run's eval set: the reference every strategy starts from.
 
     Loaded exactly as ``run_experiment`` loads it (same data split, same seeded classification
     head), but neither prepared nor trained. Writes summary.json (method "none", role "reference"),
     config.yaml, metrics.jsonl (one eval record at step 0) and train.log. A finished reference of
     the same config in ``out_dir`` is returned as it is, so a resumed sweep does not redo it.
+    ``train.report_to``'s trackers get its evaluation too (in a sweep, beside the runs it is the reference of).
     """
     out_dir, started = Path(out_dir), time.time()
+    require_installed(config.train.report_to)
     previous = check_reference_dir(config, out_dir)
     if previous is not None:
         return previous
@@ -250,10 +266,11 @@ def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = T
         previous = check_reference_dir(config, out_dir)
         if previous is not None:
             return previous
-        with messages.routed(echo=echo) as route:
+        with messages.routed(echo=echo) as route, contextlib.ExitStack() as closing:  # closing: the trackers
             device = resolve_device(config.train.device)
             tokenizer, data, loaded = load_inputs(config, model_cache, device)
-            log = _start(config, out_dir, route, stale=("metrics.jsonl", "train.log"))
+            log = _start(config, out_dir, route, stale=("metrics.jsonl", "train.log"),
+                         scope=scope or run_scope(config, out_dir), closing=closing)
             _log_data_warnings(data, log)
             return _evaluate_reference(config, out_dir, log, device, started, tokenizer, data, loaded)
 
@@ -270,6 +287,7 @@ def _evaluate_reference(config: RunConfig, out_dir: Path, log: MetricsLog, devic
                                 run_environment(device, loaded.source, data))
     summary = write_summary(out_dir / SUMMARY_FILE, summary)
     log.message(f"reference {summary.status}: " + _metrics_line(summary))
+    log.trackers.finish(summary)
     return summary
 
 
@@ -296,15 +314,20 @@ def _log_data_warnings(data: TaskData, log: MetricsLog) -> None:
         log.message(f"warning: {warning}")
 
 
-def _start(config: RunConfig, out_dir: Path, route: messages.Route, stale: tuple[str, ...] = ()) -> MetricsLog:
-    """Write config.yaml and open the logs; ``stale``: files of an earlier attempt to clear first.
+def _start(config: RunConfig, out_dir: Path, route: messages.Route, stale: tuple[str, ...] = (), *,
+           scope: Scope, closing: contextlib.ExitStack, continuing: bool = False) -> MetricsLog:
+    """Write config.yaml and open the logs and trackers; ``stale``: files of an earlier attempt to clear first.
 
-    The messages that loading logged (held by ``route``) go into train.log first, in order."""
+    The messages that loading logged (held by ``route``) go into train.log first, in order.
+    ``continuing``: the folder holds a trained run to resume, whose tracker runs are continued.
+    ``closing`` closes the trackers when the run ends, however it ends (a finished run's summary is
+    handed to them first: ``Trackers.finish``)."""
     for name in stale:  # an earlier attempt's lines must not mix with this one's
         with writing(out_dir / name):
             (out_dir / name).unlink(missing_ok=True)
     write_atomic(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log = MetricsLog(out_dir, echo=route.echo)
+    trackers = closing.enter_context(open_trackers(config, scope, continuing=continuing))
+    log = MetricsLog(out_dir, echo=route.echo, trackers=trackers)
     route.connect(log.to_file)  # the route already echoed them: the log only writes them down
     return log
 

@@ -15,12 +15,15 @@ from peftlab.errors import UserError
 from peftlab.locking import LOCK_FILE
 from peftlab.run.checkpoint import has_checkpoint
 from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary
+from peftlab.run.trackers import TRACKERS_FILE
 from peftlab.run.tracking import read_records
 
 TRIAL_FILE = "sweep_run.json"  # written by a sweep before the run: which strategy, grid values and seed
 FINISHED = ("completed", "collapsed")  # training ran to its end: --resume returns the summary
 # what a run (or a sweep, for its runs) writes before training: with no trained step, such a folder is reusable
-RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", LOCK_FILE, TRIAL_FILE})
+# (a run alone keeps its tracker files in its folder too: run/trackers.py)
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", LOCK_FILE, TRIAL_FILE, TRACKERS_FILE,
+                       "tensorboard", "mlruns", "wandb"})
 
 
 def check_out_dir(config: RunConfig, out_dir: Path, resume: bool) -> RunSummary | None:

@@ -1,4 +1,8 @@
-"""Run logs: metrics.jsonl (one JSON object per logged step or evaluation) and train.log."""
+"""Run logs: metrics.jsonl (one JSON object per logged step or evaluation) and train.log.
+
+Every metric line also goes to the run's experiment trackers (run/trackers.py), so they hold what
+metrics.jsonl holds.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +14,24 @@ from typing import Any
 
 from peftlab.diskio import append_line, write_atomic
 from peftlab.messages import to_stderr
+from peftlab.run.trackers import Trackers
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl`` and messages to ``train.log`` (and stderr)."""
+    """Appends metric records to ``metrics.jsonl`` (and its ``trackers``) and messages to ``train.log`` (and stderr)."""
 
-    def __init__(self, directory: Path | None, echo: bool = True):
+    def __init__(self, directory: Path | None, echo: bool = True, trackers: Trackers | None = None):
         self.directory, self.echo = directory, echo
+        self.trackers = trackers if trackers is not None else Trackers()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        """A metric line: into metrics.jsonl, then to every tracker."""
+        record = finite_only(record)
         if self.directory is not None:
-            append_line(self.directory / "metrics.jsonl", json.dumps(finite_only(record), allow_nan=False))
+            append_line(self.directory / "metrics.jsonl", json.dumps(record, allow_nan=False))
+        self.trackers.log(record)
 
     def message(self, text: str) -> None:
         """A line in train.log, and on stderr when the run echoes."""
@@ -42,8 +51,10 @@ class MetricsLog:
         one is kept only at a step where the checkpoint has one, so the final evaluation, which
         comes after the last checkpoint, is not logged twice when a run killed before its summary
         is resumed. Without a checkpoint (step 0, no history) the log is emptied. A torn line (a
-        kill or a full disk mid-write) and a repeated record are dropped.
+        kill or a full disk mid-write) and a repeated record are dropped. The trackers are told to
+        take the steps after ``step`` again.
         """
+        self.trackers.rewind(step)
         if self.directory is None or not (self.directory / "metrics.jsonl").exists():
             return
         path = self.directory / "metrics.jsonl"

@@ -23,12 +23,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
 from peftlab.config import config_to_dict
 from peftlab.errors import UserError
 from peftlab.locking import folder_lock
 from peftlab.run.folder import TRIAL_FILE
 from peftlab.run.stopping import GracefulStop
 from peftlab.run.summary import SUMMARY_FILE, RunSummary, read_summary, write_summary
+from peftlab.run.trackers import Scope, require_installed
 from peftlab.study.multiprocess import run_in_processes
 from peftlab.study.resume import plan
 from peftlab.study.sweep import SweepSpec, Trial, expand, write_json_atomic, write_sweep_file
@@ -85,6 +88,8 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None, nproc
     ``nproc`` > 1: a training trial runs as a torchrun job of that many processes (study/multiprocess.py)."""
     write_json_atomic(trial.out_dir / TRIAL_FILE, trial.info())
     extra: dict[str, Any] = {"model_cache": model_cache} if model_cache is not None else {}
+    if trial.config.train.report_to:  # only then, so a stand-in runner (tests) need not take a scope
+        extra["scope"] = trial_scope(trial)
     started = time.time()
     try:
         if trial.is_reference:
@@ -92,7 +97,7 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None, nproc
         else:
             extra["reference_eval_loss"] = reference_eval_loss(trial)
             # resume=True is safe for a fresh folder too: resume.plan left it empty or with a checkpoint of this config
-            summary = (run_in_processes(trial, nproc, extra["reference_eval_loss"]) if nproc > 1
+            summary = (run_in_processes(trial, nproc, extra["reference_eval_loss"], extra.get("scope")) if nproc > 1
                        else _run_experiment()(trial.config, trial.out_dir, resume=True, echo=echo, **extra))
     except UserError as error:
         raise UserError(f"run {trial.run_id}: {error}") from None
@@ -102,6 +107,13 @@ def run_trial(trial: Trial, *, echo: bool = True, model_cache: Any = None, nproc
         gc.collect()
         _empty_cuda_cache()
     return _record(trial, summary)
+
+
+def trial_scope(trial: Trial) -> Scope:
+    """Where the trackers put a sweep's run: grouped under the sweep's name, with local tracker files
+    (one TensorBoard folder, one MLflow store, W&B's offline runs) in the sweep folder, beside runs/."""
+    return Scope(trial.run_id, trial.out_dir, trial.out_dir.parent.parent, group=trial.sweep or None,
+                 tags={"strategy": trial.strategy, "grid": trial.grid, "seed": trial.seed})
 
 
 def _record(trial: Trial, summary: RunSummary) -> RunSummary:
@@ -165,24 +177,32 @@ def run_local(todo: list[tuple[Trial, bool]], *, echo: bool = True, progress: Pr
 
     Each finished training run's line ends with an estimate of the time left: the mean wall time of the
     training runs done so far times those still to do (base-model evaluations are quick and not counted).
+    A progress bar over the runs (tqdm's, on stderr; off where stderr is not a terminal) stays below the lines.
     """
     cache = process_model_cache()
     summaries, seconds_per_run = [], []
     training_left = sum(1 for trial, _ in todo if not trial.is_reference)
-    with GracefulStop() as stop:  # a signal outside a run's training loop stops the sweep before the next run
+    bar = tqdm(total=len(todo), desc="base models" if training_left == 0 else "sweep", unit="run", file=sys.stderr,
+               dynamic_ncols=True, disable=None)
+
+    def say(text: str) -> None:  # the line above the bar, which is drawn again below it
+        with tqdm.external_write_mode(file=sys.stderr):
+            progress(text)
+
+    with GracefulStop() as stop, bar:  # a signal outside a run's training loop stops the sweep before the next run
         for index, (trial, resumed) in enumerate(todo, 1):
             if stop.requested:
-                progress(f"stopped before run {index} of {len(todo)}; rerun with --resume to continue")
+                say(f"stopped before run {index} of {len(todo)}; rerun with --resume to continue")
                 raise KeyboardInterrupt
-            progress(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
+            say(f"[{index}/{len(todo)}] {trial.run_id}" + (" (resuming from its checkpoint)" if resumed else ""))
             started = time.monotonic()
             summary = run_trial(trial, echo=echo, model_cache=cache, nproc=nproc)
             if not trial.is_reference:
                 seconds_per_run.append(time.monotonic() - started)
                 training_left -= 1
             estimate = time_left(seconds_per_run, training_left)
-            progress(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}"
-                     + (f"; {estimate}" if estimate else ""))
+            say(f"[{index}/{len(todo)}] {trial.run_id}: {status_line(summary)}" + (f"; {estimate}" if estimate else ""))
+            bar.update(1)
             summaries.append(summary)
     return summaries
 
@@ -285,6 +305,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", addr
                         else f"--executor {executor!r}: use local or ray")
     out = Path(out)
     trials = expand(spec, out)
+    # a missing tracker client stops the sweep before it writes anything, not at its first run
+    require_installed(sorted({name for trial in trials for name in trial.config.train.report_to}))
     with folder_lock(out, "sweep"):  # one sweep per folder: two would train the same runs into the same folders
         return _run_sweep_locked(spec, out, trials, executor, address, resume, echo, progress, nproc)
 

@@ -51,6 +51,7 @@ from peftlab.config import (
     did_you_mean,
     from_dict,
     load_yaml,
+    result_keys,
     unused_field_message,
     unused_method_fields,
 )
@@ -94,6 +95,7 @@ class Trial:
     out_dir: Path
     alias_of: str | None = None  # run id of an earlier trial with an identical config: trained once
     reference: str | None = None  # run id of the base-model evaluation on this trial's eval set
+    sweep: str = ""  # the sweep's name: the group its runs are reported under (train.report_to)
 
     @property
     def is_reference(self) -> bool:
@@ -242,11 +244,12 @@ def expand(spec: SweepSpec, out: str | Path) -> list[Trial]:
             grid_values = dict(zip(keys, combination, strict=True))
             for seed in spec.seeds:
                 # --set is left out of the id: a resume with other --set values is refused by plan()
-                run_id = trial_id(strategy, grid_values, seed, {"strategy": bundle, "base": spec.base})
+                # where runs are reported (train.report_to) is left out too: adding a tracker keeps the ids
+                run_id = trial_id(strategy, grid_values, seed, {"strategy": bundle, "base": result_keys(spec.base)})
                 config = _trial_config(spec, strategy, bundle, grid_values, seed)
                 alias_of = by_config.setdefault(fingerprint(config), run_id)
                 trials.append(Trial(run_id, strategy, index, grid_values, seed, config, out / "runs" / run_id,
-                                    alias_of=None if alias_of == run_id else alias_of))
+                                    alias_of=None if alias_of == run_id else alias_of, sweep=spec.name))
     _check_method_fields(spec, trials)
     return _reference_trials(trials, out) + trials
 
@@ -321,7 +324,7 @@ def _reference_trials(trials: list[Trial], out: Path) -> list[Trial]:
         if key not in references:
             run_id = f"{REFERENCE}__{hashlib.sha256(key.encode()).hexdigest()[:8]}"
             references[key] = Trial(run_id, REFERENCE, -1, {}, trial.seed, reference_config(trial.config),
-                                    out / "runs" / run_id)
+                                    out / "runs" / run_id, sweep=trial.sweep)
         trial.reference = references[key].run_id
     return list(references.values())
 
@@ -330,7 +333,7 @@ def reference_config(config: RunConfig) -> RunConfig:
     """The part of a run's config that its untrained base model's evaluation depends on."""
     train = TrainConfig(seed=config.train.seed, batch_size=config.train.batch_size,
                         precision=config.train.precision, device=config.train.device,
-                        base_dtype=config.train.base_dtype)
+                        base_dtype=config.train.base_dtype, report_to=list(config.train.report_to))
     return RunConfig(model=config.model, task=config.task, data=config.data, train=train)
 
 
