@@ -14,8 +14,9 @@ from peftlab.config import load_config
 from peftlab.core.params import count_params
 from peftlab.inputs.data import load_task_data
 from peftlab.inputs.models import load_model, load_tokenizer
+from peftlab.run.collapse import COLLAPSE_MARGIN, check_collapse
 from peftlab.run.evaluate import EvalResult, evaluate
-from peftlab.run.experiment import COLLAPSE_MARGIN, check_collapse, evaluate_reference, run_experiment
+from peftlab.run.experiment import evaluate_reference, run_experiment
 from peftlab.run.resources import data_sha256
 from peftlab.run.summary import RunSummary
 from peftlab.run.tracking import MetricsLog, finite_only

@@ -83,7 +83,8 @@ def _planned(study: str, out: Path, max_batch_tokens: object) -> list[tuple[str,
     return [(trial.run_id, resumes) for trial, resumes in plan(trials, out, resume=True)]
 
 
-@pytest.mark.parametrize("study", STUDIES)
+# selective_placement's example has since turned its eval section on (issue 14): its trials have new ids
+@pytest.mark.parametrize("study", [study for study in STUDIES if study != "selective_placement"])
 def test_a_committed_study_made_with_max_batch_tokens_null_resumes_as_it_did_before_auto(study, tmp_path):
     source = REPO / "docs" / "results" / study
     saved = [load_yaml(p)["train"]["max_batch_tokens"] for p in (source / "runs").glob("*/config.yaml")]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 import yaml
 
 from peftlab import messages
-from peftlab.config import CAUSAL_TASKS, RunConfig, config_to_dict
+from peftlab.config import RunConfig, config_to_dict
 from peftlab.core.methods import Prepared, prepare
 from peftlab.core.modelmap import build_model_map
 from peftlab.core.placement_map import format_placement_map
@@ -45,6 +44,7 @@ from peftlab.inputs.models import LoadedModel, load_model, load_tokenizer
 from peftlab.locking import folder_lock
 from peftlab.run.artifacts import save_trained
 from peftlab.run.checkpoint import CHECKPOINT_FILE, has_checkpoint
+from peftlab.run.collapse import mark_collapse
 from peftlab.run.distributed import World, decided_by_main, join_world, leave_world, max_across
 from peftlab.run.folder import FINISHED, check_out_dir, check_reference_dir, holds_training
 from peftlab.run.forgetting import Forgetting, load_reference, reference_loss
@@ -63,9 +63,6 @@ from peftlab.run.trackers import Scope, open_trackers, require_installed, run_sc
 from peftlab.run.tracking import MetricsLog
 from peftlab.run.train import TrainOutcome, eval_divergence, evaluate_on, train
 
-COLLAPSE_MARGIN = 1.0  # nats worse than the untrained base model on the same eval set: collapsed
-UNIFORM_SLACK = 1e-3  # nats: float32 sums of a uniform model's losses land a hair off ln(V)
-
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, echo: bool = True,
                    on_step: Any = None, model_cache: BaseModelCache | None = None,
@@ -75,7 +72,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     ``model_cache`` (sweeps) hands out copies of a base model loaded once; results are the same
     as loading from disk, because everything random after loading is seeded here.
     ``reference_eval_loss``: the untrained base model's eval loss (``evaluate_reference``), so a
-    run that ends far worse than where it started is reported as collapsed (see ``check_collapse``).
+    run that ends far worse than where it started is reported as collapsed (see run/collapse.py).
     ``scope``: where ``train.report_to``'s trackers put this run (a sweep groups its runs); default: alone.
     """
     out_dir, started = Path(out_dir), time.time()
@@ -148,7 +145,7 @@ def _run_locked(config: RunConfig, out_dir: Path, resume: bool, route: messages.
     reset_peak_memory(device)
     outcome = train(model, data.train, data.eval, config.task, config.train, pad_id=tokenizer.pad_token_id,
                     device=device, log=log, checkpoint_dir=out_dir, resume=resume, on_step=on_step, world=world)
-    collapse = _mark_collapse(outcome, config.task, model, reference_eval_loss, log)
+    collapse = mark_collapse(outcome, config.task, model, reference_eval_loss, log)
     if outcome.status == "completed" and config.train.train_eval_size:
         outcome.train_eval = evaluate_on(model, data.train[: config.train.train_eval_size], config.task,
                                          config.train, tokenizer.pad_token_id, device, world=world)
@@ -201,50 +198,6 @@ def _summary_of(config: RunConfig, out_dir: Path, data: TaskData, prepared: Prep
         summary.resources.peak_memory_mb = peak_mb
         summary.resources.memory_kind = f"{summary.resources.memory_kind}, largest of {world.size} processes"
     return summary
-
-
-def check_collapse(task: str, eval_loss: float, vocab_size: int | None,
-                   reference_eval_loss: float | None = None) -> Collapse | None:
-    """Why a finished causal-task run counts as collapsed, or None.
-
-    A model that predicts every token with probability 1/V scores ln(V): a final eval loss at or
-    above that has learned nothing a uniform guess does not know, whatever training reported, and
-    a run that ends COLLAPSE_MARGIN nats worse than the untrained base model (the sweep's reference)
-    has destroyed what the base model knew. Such runs must not be averaged in as results.
-    Classification is not judged here: a classifier stuck at the majority class shows against
-    the report's majority-class floor instead.
-    """
-    if task not in CAUSAL_TASKS:
-        return None
-    if vocab_size:
-        uniform = math.log(vocab_size)
-        if eval_loss >= uniform - UNIFORM_SLACK:
-            return Collapse(f"eval loss {eval_loss:.4f} is at or above uniform prediction, ln({vocab_size}) = "
-                            f"{uniform:.4f}", eval_loss, uniform)
-    if reference_eval_loss is not None and eval_loss > reference_eval_loss + COLLAPSE_MARGIN:
-        return Collapse(f"eval loss {eval_loss:.4f} is more than {COLLAPSE_MARGIN:g} nats above the untrained "
-                        f"base model's {reference_eval_loss:.4f}", eval_loss, reference_eval_loss + COLLAPSE_MARGIN)
-    return None
-
-
-def _mark_collapse(outcome: TrainOutcome, task: str, model: torch.nn.Module, reference_eval_loss: float | None,
-                   log: MetricsLog) -> Collapse | None:
-    """Mark a completed outcome collapsed when ``check_collapse`` says so; return its collapse record."""
-    if outcome.status != "completed":
-        return None
-    collapse = check_collapse(task, outcome.final_eval.loss, output_vocab_size(model), reference_eval_loss)
-    if collapse is not None:
-        outcome.status = "collapsed"
-        log.message(f"collapsed: {collapse.reason}")
-    return collapse
-
-
-def output_vocab_size(model: torch.nn.Module) -> int | None:
-    """How many tokens the model chooses between: its lm head's outputs (config.vocab_size otherwise)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(getattr(head, "out_features", None), int):
-        return head.out_features
-    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def evaluate_reference(config: RunConfig, out_dir: str | Path, *, echo: bool = True,
