@@ -112,20 +112,16 @@ def _flush_denormal() -> Iterator[StepOptions]:
         torch.set_flush_denormal(False)
 
 
-def lora_forward_addmm(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear.forward with the update added by one addmm: base(x) + scaling * (drop(x) A^T) B^T.
+def lora_forward_unfused(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward before issue 15: the update scaled and added in two passes over [tokens, out].
 
-    The plain forward materialises ``(h @ B.T) * scaling`` and then ``result + that``: two extra
-    passes over the [tokens, out] output per adapted module. Only the plain case (no merge, no
-    DoRA, all output rows) is fused; every other case runs the original forward.
+    Shipped now: one addmm (base(x) + scaling * (drop(x) A^T) B^T). Only the plain case (no merge, no
+    DoRA, all output rows) differed; every other case runs the shipped forward.
     """
     if self.merged or self.magnitude is not None or self.out_index is not None:
         return LoRALinear.forward(self, x)
     result = self.base(x)  # [..., out]
-    h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # [..., r]
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
-                       self.lora_B.T.to(result.dtype), alpha=self.scaling)
-    return flat.view_as(result)
+    return result + self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling
 
 
 @contextlib.contextmanager
@@ -140,20 +136,6 @@ def _lora_forward(model: nn.Module,
     finally:
         for layer in layers:
             del layer.forward
-
-
-@contextlib.contextmanager
-def _bernoulli_dropout(model: nn.Module) -> Iterator[StepOptions]:
-    """Every LoRA layer's dropout as nn.Dropout (bernoulli_ on a float mask), peftlab's mask before issue 15."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout)]
-    saved = [layer.dropout for layer in layers]
-    for layer, dropout in zip(layers, saved, strict=True):
-        layer.dropout = nn.Dropout(dropout.p)  # an instance attribute of the model under test
-    try:
-        yield SHIPPED
-    finally:
-        for layer, dropout in zip(layers, saved, strict=True):
-            layer.dropout = dropout
 
 
 def _split_batches(max_tokens: int | None) -> contextlib.AbstractContextManager[StepOptions]:
@@ -179,12 +161,11 @@ LEVERS: dict[str, tuple[str, Lever]] = {
     "threads_1": ("torch.set_num_threads(1)", lambda m: _threads(1)),
     "flush_denormal": ("torch.set_flush_denormal(True)", lambda m: _flush_denormal()),
     "no_kv_cache": ("model.config.use_cache = False", _no_kv_cache),
-    "lora_addmm": ("LoRALinear.forward with one addmm", lambda m: _lora_forward(m, lora_forward_addmm)),
+    "lora_unfused": ("LoRA update scaled and added in two passes (the forward before issue 15)",
+                     lambda m: _lora_forward(m, lora_forward_unfused)),
     "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
                              lambda m: _split_batches(256)),
     "max_batch_tokens_off": ("train.max_batch_tokens off (batches run whole)", lambda m: _split_batches(None)),
-    "dropout_bernoulli": ("LoRA dropout mask by bernoulli_ (nn.Dropout, the mask before issue 15)",
-                          _bernoulli_dropout),
 }
 
 

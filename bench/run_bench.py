@@ -37,7 +37,7 @@ from bench.systems import SHIPPED, SYSTEMS, Spec, hf_recipe, peftlab_max_batch_t
 
 # issue 5: peftlab's non-padding tokens/s over each peer; hf_bounded (issue 15, the like-for-like memory
 # peer) has no speed target: its row is there to compare memory bounded the same way.
-TARGETS = {"hf_seeds": 3.0, "hf_tuned": 1.3}
+TARGETS = {"hf_seeds": 3.0, "hf_tuned": 1.5}  # issue 15: 1.5x the tuned peer as shipped
 # Eval loss "no worse" allows the seed-to-seed spread measured in the run (repetition r trains every
 # system with seed + r: LoRA init, dropout masks and batch order all follow it). With one repetition
 # there is no spread to measure and this fixed allowance is used instead.

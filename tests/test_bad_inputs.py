@@ -559,6 +559,8 @@ CASES = [
     # a folder another process is using
     Case("run-folder-in-use", _run_folder_in_use, "is in use by another peftlab process"),
     Case("sweep-folder-in-use", _sweep_folder_in_use, "is in use by another peftlab process"),
+    # every record dropped (its prompt fills max_length): once, training waited forever for a batch
+    Case("no-example-left", _set("data.max_length=8"), "no training example is left"),
     # processes per trial (study/multiprocess.py) and train.fsdp
     Case("sweep-nproc-zero", lambda env: _sweep_with({"a": {}})(env) + ["--nproc", "0"], "--nproc must be >= 1, got 0"),
     Case("fsdp-with-qlora", _set("method.quantize_base=nf4", "train.fsdp=true"),

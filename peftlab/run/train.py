@@ -122,6 +122,8 @@ def micro_batches(examples: list[dict], cfg: TrainConfig, pad_id: int,
     Batch order is a pure function of (seed, epoch), so skipping the first
     ``batch_in_epoch`` batches of the saved epoch reproduces an uninterrupted run.
     """
+    if not examples:  # load_task_data refuses such data; without examples the loop below would never yield
+        raise ValueError("no training examples")
     epoch, skip = state.epoch, state.batch_in_epoch
     while True:
         for index, batch in enumerate(batches(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, epoch=epoch)):

@@ -78,7 +78,17 @@ def load_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
     if data.dropped:
         _log.info("%d of %d records of %r left out (a missing value, or a prompt that fills data.max_length=%s)",
                   data.dropped, len(rows), cfg.source, cfg.max_length)
+    _check_both_sides(data, len(rows), cfg)
     return data
+
+
+def _check_both_sides(data: TaskData, n_rows: int, cfg: DataConfig) -> None:
+    """Refuse data that left nothing to train on or to evaluate: the loop would wait forever for a batch."""
+    for side, examples in (("training", data.train), ("eval", data.eval)):
+        if not examples:
+            raise UserError(f"data {cfg.source!r}: no {side} example is left ({data.dropped} of {n_rows} records "
+                            f"left out: a missing value, or a prompt that fills data.max_length={cfg.max_length}); "
+                            f"raise data.max_length or check the data")
 
 
 def _required_fields(rows: list[dict], cfg: DataConfig, task: str) -> tuple[list[dict], int]:
