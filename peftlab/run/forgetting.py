@@ -17,7 +17,6 @@ which draws them from another random generator on a GPU.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +80,10 @@ def _check_source(source: str) -> None:
     now instead of asking the hub for it."""
     if source in DATA_ALIASES or "/" in source or Path(source).expanduser().exists():
         return
-    if difflib.get_close_matches(source, list(DATA_ALIASES), n=1):
+    hint = did_you_mean(source, list(DATA_ALIASES))
+    if hint:
         raise UserError(f"eval.reference={source!r} is not an embedded data set ({', '.join(DATA_ALIASES)}) "
-                        f"nor a local file{did_you_mean(source, list(DATA_ALIASES))}")
+                        f"nor a local file{hint}")
 
 
 def _text(row: dict) -> str:

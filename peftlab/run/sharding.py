@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from peftlab.core.modelmap import ModelMap
 from peftlab.errors import UserError
@@ -39,8 +40,6 @@ FILLER = "_filler"  # key of an evaluation batch that a rank runs only to keep i
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (a shard of a block's weight, gradient or AdamW moment)."""
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
@@ -88,8 +87,6 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor read from a checkpoint) laid out as ``like``: this rank's shard of it."""
     if not is_sharded(like):
         return value
-    from torch.distributed.tensor import distribute_tensor
-
     local = value.to(device=like.device, dtype=like.dtype)
     return distribute_tensor(local, like.device_mesh, like.placements)
 

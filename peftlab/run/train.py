@@ -294,8 +294,8 @@ def optimizer_step(model: nn.Module, parameters: list[tuple[str, nn.Parameter]],
     ``parameters``: trainable_named_parameters.
     """
     step = accumulate_gradients(model, batches, task, cfg, device, options, world=world)
-    # FSDP has already summed the sharded blocks' gradients in its reduce-scatter
-    sum_gradients([(name, p) for name, p in parameters if not is_sharded(p)], world)
+    if world.parallel:  # FSDP has already summed the sharded blocks' gradients in its reduce-scatter
+        sum_gradients([(name, p) for name, p in parameters if not is_sharded(p)], world)
     if not math.isfinite(step.loss):
         raise Diverged(f"non-finite training loss ({step.loss})", _non_finite_grads(parameters))
     max_norm = cfg.max_grad_norm or float("inf")

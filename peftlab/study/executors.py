@@ -239,8 +239,8 @@ def run_ray(todo: list[tuple[Trial, bool]], *, address: str | None = None, echo:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=echo)
     pending: list[Any] = []
     try:
-        task = _ray_task(ray, nproc)
-        refs = {(task if not trial.is_reference else _ray_task(ray, 1)).remote(trial, echo, nproc): trial
+        training, reference = _ray_task(ray, nproc), _ray_task(ray, 1)  # a base-model evaluation needs one
+        refs = {(reference if trial.is_reference else training).remote(trial, echo, nproc): trial
                 for trial, _ in todo}
         pending = list(refs)
         results: dict[str, RunSummary] = {}
