@@ -42,6 +42,7 @@ from bench import machine  # noqa: E402
 from bench.systems import Spec, load_data  # noqa: E402
 from peftlab.config import MethodConfig, RankConfig, TrainConfig  # noqa: E402
 from peftlab.core.methods import prepare  # noqa: E402
+from peftlab.core.methods.dropout import LoRADropout  # noqa: E402
 from peftlab.core.methods.lora import LoRALinear  # noqa: E402
 from peftlab.core.modelmap import build_model_map  # noqa: E402
 from peftlab.inputs.data import TaskData, batches, split_by_tokens  # noqa: E402
@@ -138,6 +139,19 @@ def _lora_forward(model: nn.Module,
             del layer.forward
 
 
+@contextlib.contextmanager
+def _dropout_class(model: nn.Module, cls: type[nn.Module]) -> Iterator[StepOptions]:
+    """Every LoRA dropout of ``model`` runs as ``cls`` (same ``p``): the class is swapped on the instances."""
+    dropouts = [module for module in model.modules() if isinstance(module, LoRADropout)]
+    for dropout in dropouts:
+        dropout.__class__ = cls
+    try:
+        yield SHIPPED
+    finally:
+        for dropout in dropouts:
+            dropout.__class__ = LoRADropout
+
+
 def _split_batches(max_tokens: int | None) -> contextlib.AbstractContextManager[StepOptions]:
     """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step
     (None: whole), whatever the shipped default resolves to on this device."""
@@ -163,8 +177,14 @@ LEVERS: dict[str, tuple[str, Lever]] = {
     "no_kv_cache": ("model.config.use_cache = False", _no_kv_cache),
     "lora_unfused": ("LoRA update scaled and added in two passes (the forward before issue 15)",
                      lambda m: _lora_forward(m, lora_forward_unfused)),
+    "dropout_bernoulli": ("LoRA dropout as nn.Dropout (bernoulli_ mask, scaled on x): the dropout before this version",
+                          lambda m: _dropout_class(m, nn.Dropout)),
+    "max_batch_tokens_128": ("train.max_batch_tokens = 128 (pieces in one optimizer step)",
+                             lambda m: _split_batches(128)),
     "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
                              lambda m: _split_batches(256)),
+    "max_batch_tokens_512": ("train.max_batch_tokens = 512 (pieces in one optimizer step)",
+                             lambda m: _split_batches(512)),
     "max_batch_tokens_off": ("train.max_batch_tokens off (batches run whole)", lambda m: _split_batches(None)),
 }
 

@@ -266,7 +266,8 @@ def test_the_shipped_addmm_forward_equals_the_unfused_one_in_training_with_dropo
     assert not any("forward" in vars(m) for m in model.modules())  # the instances' forwards are restored
     torch.testing.assert_close(outputs[0][0], outputs[1][0])
     for name, grad in outputs[0][1].items():
-        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        # the shipped forward scales the dropout after x A^T, the unfused one before: rounding differs
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_max_batch_tokens_off_lever_runs_batches_whole():
