@@ -152,6 +152,14 @@ def _dropout_class(model: nn.Module, cls: type[nn.Module]) -> Iterator[StepOptio
             dropout.__class__ = LoRADropout
 
 
+@contextlib.contextmanager
+def _autocast_bf16() -> Iterator[StepOptions]:
+    """bf16 autocast on the CPU (oneDNN uses AMX / AVX512-BF16 where the CPU has them): numerics change,
+    so the loss and gradient columns show how far; a precision choice, not a free lever."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield SHIPPED
+
+
 def _split_batches(max_tokens: int | None) -> contextlib.AbstractContextManager[StepOptions]:
     """train.max_batch_tokens: every batch runs as pieces of at most max_tokens padded tokens in one step
     (None: whole), whatever the shipped default resolves to on this device."""
@@ -179,6 +187,8 @@ LEVERS: dict[str, tuple[str, Lever]] = {
                      lambda m: _lora_forward(m, lora_forward_unfused)),
     "dropout_bernoulli": ("LoRA dropout as nn.Dropout (bernoulli_ mask, scaled on x): the dropout before this version",
                           lambda m: _dropout_class(m, nn.Dropout)),
+    "autocast_bf16": ("train.precision bf16 on the CPU (autocast; a numerics change, not a free lever)",
+                      lambda m: _autocast_bf16()),
     "max_batch_tokens_128": ("train.max_batch_tokens = 128 (pieces in one optimizer step)",
                              lambda m: _split_batches(128)),
     "max_batch_tokens_256": ("train.max_batch_tokens = 256 (pieces in one optimizer step)",
@@ -275,8 +285,11 @@ def measure_levers(model: nn.Module, train_batches: list[dict], cfg: TrainConfig
         with LEVERS[name][1](model) as options:
             difference = max_difference(reference, loss_and_grads(model, train_batches[0], options))
         rate = statistics.median(s["tokens"] / s["seconds"] for s in samples[name])
+        # paired: each round's lever against that round's baseline, run next to it (robust to slow drifts)
+        paired = [(s["tokens"] / s["seconds"]) / (b["tokens"] / b["seconds"])
+                  for s, b in zip(samples[name], samples["baseline"], strict=True)]
         report[name] = {"description": LEVERS[name][0], "tokens_per_s_median": rate,
-                        "speed_vs_baseline": rate / base_rate,
+                        "speed_vs_baseline": rate / base_rate, "paired_speed_vs_baseline": statistics.median(paired),
                         "peak_memory_mb_median": statistics.median(s["peak_memory_mb"] for s in samples[name]),
                         **difference, "samples": samples[name]}
     return report
@@ -447,12 +460,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", "| top op | calls | share |", "|---|---:|---:|"]
         lines += [f"| {o['op']} | {o['calls']} | {o['share']:.1%} |" for o in results["profile"]["top_ops"][:10]]
         lines.append("")
-    lines += ["| lever | what | tokens/s | vs baseline | peak RSS MB | loss rel diff | grad max rel diff |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| lever | what | tokens/s | vs baseline | paired | peak RSS MB | loss rel diff | grad max rel diff |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["levers"].items():
         lines.append(f"| {name} | {r['description']} | {r['tokens_per_s_median']:.1f} | "
-                     f"{r['speed_vs_baseline']:.3f}x | "
+                     f"{r['speed_vs_baseline']:.3f}x | {r['paired_speed_vs_baseline']:.3f}x | "
                      f"{r['peak_memory_mb_median']:.0f} | {r['loss_rel_diff']:.1e} | {r['grad_max_rel_diff']:.1e} |")
+    lines += ["", "vs baseline: the ratio of the median tokens/s; paired: the median over rounds of the lever's "
+              "tokens/s over the baseline's in the same round."]
     p = results["pipeline_and_eval"]
     lines += ["", f"Data pipeline: {p['batches_seconds_per_epoch']:.3f} s to build an epoch's batches "
               f"({p['pipeline_fraction']:.2%} of its training time). Evaluation: {p['eval_tokens_per_s']:.0f} tok/s "

@@ -222,6 +222,9 @@ def _peftlab_namespaces():
     return {owner.__name__: dict(vars(owner)) for owner in (train, evaluate, losses, data, lora, lora.LoRALinear)}
 
 
+NUMERICS_LEVERS = {"autocast_bf16"}  # measured for what a precision change buys; their columns show the change
+
+
 @pytest.mark.parametrize("lever", [name for name in levers.LEVERS if name != "baseline"])
 def test_every_lever_leaves_loss_and_gradients_unchanged_and_patches_nothing_in_peftlab(lever):
     model, batch = _lora_llama(), _batch()
@@ -232,6 +235,9 @@ def test_every_lever_leaves_loss_and_gradients_unchanged_and_patches_nothing_in_
         assert _peftlab_namespaces() == before  # a lever passes functions in or changes the model, never peftlab
         changed = levers.loss_and_grads(model, batch, options)
     difference = levers.max_difference(reference, changed)
+    if lever in NUMERICS_LEVERS:  # bf16: a real difference, shown in the table, yet still the same model
+        assert 0 < difference["loss_rel_diff"] < 1e-2, difference
+        return
     assert difference["loss_rel_diff"] < 1e-6 and difference["grad_max_rel_diff"] < 1e-5, difference
 
 
