@@ -123,3 +123,23 @@ def test_lora_forward_is_base_plus_scaled_update_of_the_dropped_input():
     dropped = x * keep / (1 - p_used)
     expected = module.base(x) + dropped @ module.lora_A.T @ module.lora_B.T * module.scaling
     torch.testing.assert_close(out, expected)
+
+
+def test_dora_with_dropout_sees_the_scaled_dropped_input_in_both_terms():
+    """DoRA adds (scale - 1) W dropout(x) + scale * dW dropout(x) (peft's form); dropout(x) carries 1/(1-p')."""
+    model = tiny_llama()
+    target = Target(build_model_map(model).block_sites()[0])
+    module = apply_lora(model, [target], {target.name: 2}, {target.name: 4.0}, dropout=0.25, dora=True)[target.name]
+    nn.init.normal_(module.lora_B)
+    module.train()
+    x = torch.randn(3, 5, module.in_features)
+    torch.manual_seed(8)
+    out = module(x)
+    torch.manual_seed(8)
+    keep, p_used = keep_mask(x.shape, 0.25, x.device)
+    dropped = x * keep / (1 - p_used)
+    weight = module.base.weight
+    delta = module.lora_B @ module.lora_A * module.scaling
+    scale = module.magnitude / (weight + delta).norm(dim=1).detach()
+    expected = module.base(x) + (scale - 1) * (dropped @ weight.T) + scale * (dropped @ delta.T)
+    torch.testing.assert_close(out, expected)

@@ -35,10 +35,10 @@ _INT64_MIN = torch.iinfo(torch.int64).min
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
     """(bool mask of ``shape``, each entry True with probability ``1 - p'``, independently; ``p'``).
 
-    ``p' = round(p * 2^16) / 2^16``, within 2^-17 of ``p`` (at most ``1 - 2^-16``: the scale stays finite
-    for any ``p < 1``). ``random_(int64 min, None)`` draws uniform
-    64-bit integers (torch's full-range case); viewed as int16, each draw is four independent uniform
-    integers on [-2^15, 2^15), and an entry is dropped when its field is below ``round(p * 2^16) - 2^15``.
+    ``p' = round(p * 2^16) / 2^16``, within 2^-17 of ``p`` (and at most ``1 - 2^-16``, so the scale stays
+    finite for any ``p < 1``). ``random_(int64 min, None)`` draws uniform 64-bit integers (torch's
+    full-range case); viewed as int16, each draw is four independent uniform integers on [-2^15, 2^15),
+    and an entry is dropped when its field is below ``round(p * 2^16) - 2^15``.
     """
     threshold = min(round(p * (1 << FIELD_BITS)), (1 << FIELD_BITS) - 1)
     count = math.prod(shape)

@@ -260,7 +260,8 @@ class LoRALinear(nn.Module):
         lora = down @ self.lora_B.T * scaling  # [..., adapted_out]
         if self.magnitude is None:
             return self._scatter(result, lora)
-        return self._scatter(result, self._dora_extra(dropped * drop_scale, result, lora))
+        dropped = dropped if drop_scale == 1.0 else dropped * drop_scale  # DoRA's W x term needs dropout(x)
+        return self._scatter(result, self._dora_extra(dropped, result, lora))
 
     def _dora_extra(self, dropped: Tensor, result: Tensor, lora: Tensor) -> Tensor:
         """What DoRA adds to base(x) on the adapted rows, [..., adapted_out].
