@@ -93,11 +93,10 @@ def subset_sweep(args: argparse.Namespace, out: Path) -> Path:
     """The sweep file, cut to --strategies and --seeds, written to ``out`` with its paths made absolute."""
     from peftlab.config import load_yaml
     from peftlab.errors import UserError
-    from peftlab.study.sweep import _load_base, _resolve_paths
+    from peftlab.study.sweep import portable_base
 
     raw = load_yaml(args.sweep)
-    raw["base"] = _load_base(raw.get("base"), args.sweep.parent)
-    _resolve_paths(raw["base"], args.sweep.parent.resolve())
+    raw["base"] = portable_base(raw.get("base"), args.sweep.parent)
     if args.strategies:
         wanted = args.strategies.split(",")
         missing = sorted(set(wanted) - set(raw.get("strategies") or {}))

@@ -149,6 +149,15 @@ def safe_name(name: str, what: str) -> str:
     return name
 
 
+def portable_base(base: Any, directory: Path) -> dict[str, Any]:
+    """A sweep file's ``base`` (a mapping or a path to a run config) as a mapping whose relative paths are
+    made absolute against ``directory``, the sweep file's folder: what a copy of the sweep written
+    elsewhere needs (bench/sweep_wall.py writes one cut to some strategies)."""
+    loaded = _load_base(base, directory)
+    _resolve_paths(loaded, directory.resolve())
+    return loaded
+
+
 def _load_base(base: Any, directory: Path) -> dict[str, Any]:
     if base is None:
         return {}
