@@ -108,36 +108,32 @@ def test_lora_layers_use_it():
     assert isinstance(module, LoRALinear) and type(module.dropout) is LoRADropout
 
 
-def test_lora_forward_is_base_plus_scaled_update_of_the_dropped_input():
-    """The scale rides on x A^T, not on x: the output equals the textbook formula on the same mask."""
+def _trained_lora_output(dora: bool) -> tuple[LoRALinear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a LoRA layer with dropout 0.25 and a nonzero B, its input x, its training output on x, the
+    textbook dropout(x) on the same mask: x * keep / (1 - p'))."""
     model = tiny_llama()
     target = Target(build_model_map(model).block_sites()[0])
-    module = apply_lora(model, [target], {target.name: 2}, {target.name: 4.0}, dropout=0.25)[target.name]
+    module = apply_lora(model, [target], {target.name: 2}, {target.name: 4.0}, dropout=0.25, dora=dora)[target.name]
     nn.init.normal_(module.lora_B)
     module.train()
     x = torch.randn(3, 5, module.in_features)
     torch.manual_seed(7)
     out = module(x)
-    torch.manual_seed(7)
+    torch.manual_seed(7)  # the same draws again
     keep, p_used = keep_mask(x.shape, 0.25, x.device)
-    dropped = x * keep / (1 - p_used)
+    return module, x, out, x * keep / (1 - p_used)
+
+
+def test_lora_forward_is_base_plus_scaled_update_of_the_dropped_input():
+    """The scale rides on x A^T, not on x: the output equals the textbook formula on the same mask."""
+    module, x, out, dropped = _trained_lora_output(dora=False)
     expected = module.base(x) + dropped @ module.lora_A.T @ module.lora_B.T * module.scaling
     torch.testing.assert_close(out, expected)
 
 
 def test_dora_with_dropout_sees_the_scaled_dropped_input_in_both_terms():
     """DoRA adds (scale - 1) W dropout(x) + scale * dW dropout(x) (peft's form); dropout(x) carries 1/(1-p')."""
-    model = tiny_llama()
-    target = Target(build_model_map(model).block_sites()[0])
-    module = apply_lora(model, [target], {target.name: 2}, {target.name: 4.0}, dropout=0.25, dora=True)[target.name]
-    nn.init.normal_(module.lora_B)
-    module.train()
-    x = torch.randn(3, 5, module.in_features)
-    torch.manual_seed(8)
-    out = module(x)
-    torch.manual_seed(8)
-    keep, p_used = keep_mask(x.shape, 0.25, x.device)
-    dropped = x * keep / (1 - p_used)
+    module, x, out, dropped = _trained_lora_output(dora=True)
     weight = module.base.weight
     delta = module.lora_B @ module.lora_A * module.scaling
     scale = module.magnitude / (weight + delta).norm(dim=1).detach()
