@@ -299,3 +299,15 @@ def test_memory_settings_benchmark_runs_every_setting_and_checkpointing_keeps_th
     assert runs["bf16 base + checkpointing"]["eval_loss"] == runs["bf16 base"]["eval_loss"]
     assert all(run["peak_memory_mb"] > 0 and run["tokens_per_s"] > 0 for run in runs.values())
     assert "| bf16 base + checkpointing |" in next(tmp_path.glob("memory-settings-cpu-*.md")).read_text()
+
+
+def test_block_bench_times_every_variant_and_writes_its_table(tiny_llama_dir, tmp_path):
+    from bench import block
+
+    results = block.main(["--model", str(tiny_llama_dir), "--layer", "0", "--tokens", "16", "--rounds", "2",
+                          "--calls", "1", "--out", str(tmp_path)])
+    assert set(results["median_ms"]) == {"shipped", "nn_dropout", "no_dropout"}
+    assert all(len(v) == 2 and min(v) > 0 for v in results["samples_ms"].values())
+    assert results["profile"] and 0 < sum(o["share"] for o in results["profile"]) <= 1 + 1e-9
+    written = list(tmp_path.glob("block-*.md"))
+    assert len(written) == 1 and "| nn_dropout |" in written[0].read_text()
