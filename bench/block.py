@@ -21,7 +21,6 @@ A profile of the shipped variant (torch.profiler, self CPU time of the top ops) 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -158,11 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "settings": {**vars(args), "out": str(args.out)}}
     results.update(measure(block, run, spec, args))
     results["profile"] = profile_shipped(run, block, args.calls)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"block-{machine.machine_slug(info)}-{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(results))
-    print(render_markdown(results))
+    machine.write_results(args.out, "block", results, render_markdown(results))
     return results
 
 

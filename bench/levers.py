@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import statistics
 import sys
 import time
@@ -442,11 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["all_labelled"] = measure_all_labelled(model, train_batches, cfg, args.rounds)
     if args.compile:
         results["compile"] = measure_compile(model, train_batches, cfg)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"levers-{machine.machine_slug(info)}-{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(results))
-    print(render_markdown(results))
+    machine.write_results(args.out, "levers", results, render_markdown(results))
     return results
 
 

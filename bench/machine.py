@@ -7,10 +7,12 @@ GPU), not taken from a datasheet: it is what the matmul library actually reaches
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,17 @@ def machine_slug(info: dict) -> str:
     """A file-name-safe machine name: the GPU, else the CPU model and its core count."""
     name = str(info.get("gpu") or f"{info['cpu']}-{info['cores']}c")
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_results(out: Path, kind: str, results: dict, markdown: str) -> Path:
+    """``<out>/<kind>-<machine>-<date>.json`` (every number) and ``.md`` (the table), the markdown printed too;
+    ``results`` carries ``machine`` (describe's dict) and ``date``. Returns the path without suffix."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{kind}-{machine_slug(results['machine'])}-{results['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return stem
 
 
 def gemm_peak(device: torch.device, sizes: tuple[int, ...] | None = None, reps: int = 5) -> dict:
