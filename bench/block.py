@@ -88,9 +88,9 @@ def measure(block: nn.Module, run: Callable[[nn.Module], None], spec: Spec, args
         results["compile_seconds"] = time.perf_counter() - started
         variants["compiled"] = (LoRADropout, spec.dropout, True)
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (cls, p, _) in variants.items():  # warm-up
+    for cls, p, use_compiled in variants.values():  # warm-up
         set_dropout(block, cls, p)
-        run(compiled if variants[name][2] else block)
+        run(compiled if use_compiled else block)
     for round_index in range(args.rounds):
         for name, (cls, p, use_compiled) in variants.items():
             set_dropout(block, cls, p)

@@ -44,7 +44,7 @@ def check_collapse(task: str, eval_loss: float, vocab_size: int | None,
 
 
 def mark_collapse(outcome: TrainOutcome, task: str, model: torch.nn.Module, reference_eval_loss: float | None,
-                   log: MetricsLog) -> Collapse | None:
+                  log: MetricsLog) -> Collapse | None:
     """Mark a completed outcome collapsed when ``check_collapse`` says so; return its collapse record."""
     if outcome.status != "completed":
         return None

@@ -8,8 +8,8 @@ backward with it, 41.7 ms without dropout, and 52.5 ms with this module (bench/b
 of 9 rounds, 2026-11-30). Here, on the CPU:
 
 * the mask takes 16 bits per element: ``keep_mask`` cuts each 64-bit draw into four 16-bit uniform
-  fields, so a quarter of the generator calls, and one int16 comparison. The drop probability is
-  ``p' = round(p * 2^16) / 2^16`` (0.1 -> 0.100006), within 2^-17 of ``p``, and the scale is
+  fields, so one draw per four elements instead of one per element, and one int16 comparison. The drop
+  probability is ``p' = round(p * 2^16) / 2^16`` (0.1 -> 0.100006), within 2^-17 of ``p``, and the scale is
   ``1 / (1 - p')``, so the dropped input's expectation is exactly ``x``;
 * LoRA applies the mask with ``where`` and the scale to ``x A^T`` (``r`` wide) instead of to ``x``
   (``dropped_input``): one pass less over ``[tokens, in]`` forward and one backward. The mask is saved
@@ -55,7 +55,7 @@ def dropped_input(dropout: nn.Module, x: Tensor) -> tuple[Tensor, float]:
     docstring says why). Any other dropout module (``nn.Identity``, an ``nn.Dropout``, a LoRADropout in
     eval mode or off the CPU) runs as is, with scale 1.
     """
-    if isinstance(dropout, LoRADropout) and dropout.training and dropout.p > 0 and x.device.type == "cpu":
+    if isinstance(dropout, LoRADropout) and dropout.draws_own_mask(x):
         keep, dropped_share = keep_mask(x.shape, dropout.p, x.device)
         return torch.where(keep, x, 0.0), 1.0 / (1.0 - dropped_share)
     return dropout(x), 1.0
@@ -68,8 +68,12 @@ class LoRADropout(nn.Dropout):
     LoRALinear calls ``dropped_input`` instead, to scale after its first matmul.
     """
 
+    def draws_own_mask(self, x: Tensor) -> bool:
+        """Whether ``x`` gets ``keep_mask``'s mask: in training, p > 0, on the CPU (else nn.Dropout runs)."""
+        return self.training and self.p > 0 and x.device.type == "cpu"
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.draws_own_mask(x):
             return super().forward(x)
         dropped, scale = dropped_input(self, x)
         return dropped * scale

@@ -253,7 +253,7 @@ class LoRALinear(nn.Module):
         scaling = self.scaling * drop_scale
         if self.magnitude is None and self.out_index is None and result.dtype == down.dtype:
             # base(x) + scaling * down @ B^T in one addmm: no [..., out] pass to scale the update and none
-            # to add it (bench/levers.py measured the step at 1.07x, the median of 3 rounds, 2026-11-30)
+            # to add it (bench/levers.py: 1.07x the step in one run; a later run could not tell, see bench/README)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
                                self.lora_B.T, alpha=scaling)
             return flat.view_as(result)
